@@ -1,0 +1,40 @@
+# Set-up and entry points. Everything a fresh machine needs is installed from here.
+PYTHON ?= python3
+VENV ?= .venv
+# torch goes in first, pinned, so pip takes the CPU build on this machine's disk rather
+# than a multi-GB CUDA build; a GPU user sets e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
+TORCH_SPEC ?= torch==2.13.0
+OUT ?= out
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/farm render jobs/demo.yaml --out $(OUT)
+	@echo "images: $$(ls $(OUT)/demo/images/*.png | wc -l) in $(OUT)/demo/images"
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python benchmarks/grid_throughput.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

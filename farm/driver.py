@@ -1,0 +1,346 @@
+"""The driver: the only code that schedules Ray work. It never imports torch.
+
+It cuts the task stream into deterministic batches, skips batches already done (resume),
+keeps a bounded number of batches in flight per actor (backpressure), retries the work of
+a failed call or a dead actor, and writes manifest parts as rows stream back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm import manifest, storage
+from farm.actor import BatchRenderer, base_row
+from farm.models import ModelError, resolve_model
+from farm.spec import Batch, JobSpec, RenderTask
+
+# One batch rendering and one queued per actor: the actor never waits for the driver, and
+# no more than two batches of work are lost with it if it dies.
+IN_FLIGHT_PER_ACTOR = 2
+# Rows are written out at least this often (seconds) and whenever this many are buffered,
+# so a crash loses little and a big job does not make thousands of tiny part files.
+FLUSH_SECONDS = 5.0
+FLUSH_ROWS = 512
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_RETRIES = 2
+JOB_FILE = "job.yaml"
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+
+
+class FarmError(Exception):
+    """A problem to report to the user in one line (bad model, bad options)."""
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    out: str = "out"
+    address: str | None = None
+    actors: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    dtype: str = "auto"
+    allow_pickle: bool = False
+    retries: int = DEFAULT_RETRIES
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    job_root: str
+    total: int = 0
+    rendered: int = 0
+    skipped: int = 0
+    failed: int = 0
+    elapsed: float = 0.0
+    actors: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rendered / self.elapsed if self.elapsed > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_root": self.job_root,
+            "total": self.total,
+            "rendered": self.rendered,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "elapsed_s": round(self.elapsed, 3),
+            "images_per_s": round(self.images_per_second, 3),
+            "actors": self.actors,
+            "errors": self.errors[:20],
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Batching (pure, deterministic)
+
+
+def batch_id(tasks: Iterable[RenderTask]) -> str:
+    return hashlib.sha256(",".join(t.task_id for t in tasks).encode()).hexdigest()[:16]
+
+
+def cut_batches(tasks: Iterable[RenderTask], batch_size: int) -> Iterator[Batch]:
+    """Consecutive tasks with the same batch key, in task order, cut into chunks of ``batch_size``.
+
+    Formed from the task order alone, never from timing, so the same job always gives the
+    same batches whatever the actor count (DESIGN.md, reproducibility).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    chunk: list[RenderTask] = []
+    for task in tasks:
+        if chunk and (task.batch_key != chunk[0].batch_key or len(chunk) == batch_size):
+            yield Batch(batch_id(chunk), tuple(chunk))
+            chunk = []
+        chunk.append(task)
+    if chunk:
+        yield Batch(batch_id(chunk), tuple(chunk))
+
+
+# ---------------------------------------------------------------------------------------
+# Output folder
+
+
+def job_root(spec: JobSpec, out: str) -> str:
+    return storage.join(storage.normalise_root(out), spec.name)
+
+
+def prepare_output(spec: JobSpec, root: str) -> int:
+    """Write the spec as submitted; return the run's random base (kept across resumes)."""
+    filesystem, base = storage.open_root(root)
+    storage.write_bytes(filesystem, storage.join(base, JOB_FILE), spec.source.encode())
+    run_path = storage.join(base, RUN_FILE)
+    if storage.exists(filesystem, run_path):
+        return int(json.loads(storage.read_bytes(filesystem, run_path))["random_base"])
+    random_base = secrets.randbits(32)
+    storage.write_bytes(filesystem, run_path, json.dumps({"random_base": random_base}).encode())
+    return random_base
+
+
+def random_base_of(root: str) -> int | None:
+    filesystem, base = storage.open_root(root)
+    path = storage.join(base, RUN_FILE)
+    if storage.exists(filesystem, path):
+        return int(json.loads(storage.read_bytes(filesystem, path))["random_base"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Ray
+
+
+def start_ray(address: str | None) -> bool:
+    """Join a cluster at ``address``, or start an embedded local Ray. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # The embedded Ray serves no dashboard: nothing listens beyond what Ray itself needs.
+        ray.init(include_dashboard=False, **kwargs)
+    return True
+
+
+def start_actors(spec: JobSpec, root: str, options: RenderOptions) -> list[Any]:
+    """One actor per GPU where the cluster has GPUs, else ``--actors`` CPU actors."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    count = options.actors or (gpus if gpus else 1)
+    if count < 1:
+        raise FarmError("--actors: expected at least 1")
+    # Without GPUs, split this machine's cores between the actors so they do not oversubscribe.
+    threads = None if gpus or options.address else max(1, cpus // count)
+    remote = ray.remote(
+        num_gpus=1 if gpus else 0,
+        num_cpus=1 if gpus or options.address else min(threads or 1, cpus),
+        max_restarts=-1,
+        max_task_retries=0,
+    )(BatchRenderer)
+    first_model = spec.defaults["model"]
+    actors = [
+        remote.remote(spec.name, root, options.dtype, options.allow_pickle, spec.model_config, threads)
+        for _ in range(count)
+    ]
+    try:
+        ray.get([a.load.remote(first_model) for a in actors])
+    except Exception as exc:
+        for actor in actors:
+            ray.kill(actor)
+        raise FarmError(error_message(exc)) from exc
+    return actors
+
+
+def error_message(exc: BaseException) -> str:
+    """The user's one line from a Ray error: the original exception's message, not Ray's wrapper."""
+    cause = getattr(exc, "cause", None) or getattr(exc, "base_exception", None)
+    if cause is not None and cause is not exc:
+        return error_message(cause)
+    text = str(exc).strip()
+    for line in reversed(text.splitlines()):
+        if line.strip() and ("Error:" in line or "error:" in line):
+            return line.strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+
+
+def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
+    """Render every task of a job not already done, and write its manifest."""
+    import ray
+
+    # 1. Check the model locally where we can, so a bad reference fails before Ray starts
+    root = job_root(spec, options.out)
+    if not options.address:
+        for model in {spec.defaults["model"]} | swept_values(spec, "model"):
+            try:
+                resolve_model(model, options.allow_pickle, spec.model_config)
+            except ModelError as exc:
+                raise FarmError(str(exc)) from exc
+    if options.batch_size < 1:
+        raise FarmError("--batch-size: expected at least 1")
+
+    # 2. Prepare the output folder and find what is already done
+    random_base = prepare_output(spec, root)
+    done = manifest.ok_task_ids(root)
+    summary = Summary(job_root=root, total=spec.count())
+    todo = sum(1 for t in spec.tasks(random_base) if t.task_id not in done)
+    summary.skipped = summary.total - todo
+
+    def pending() -> Iterator[Batch]:
+        for batch in cut_batches(spec.tasks(random_base), options.batch_size):
+            if not all(t.task_id in done for t in batch.tasks):
+                yield batch
+
+    start = time.perf_counter()
+    if todo:
+        # 3. Start or join Ray, and the actors (each loads the model once)
+        started = start_ray(options.address)
+        try:
+            actors = start_actors(spec, root, options)
+            summary.actors = len(actors)
+            # 4. Dispatch batches with backpressure; write rows as they arrive
+            dispatch(spec, root, actors, pending(), done, todo, options, summary)
+        finally:
+            if started:
+                ray.shutdown()
+    summary.elapsed = time.perf_counter() - start
+    write_summary(root, summary)
+    return summary
+
+
+def swept_values(spec: JobSpec, name: str) -> set[Any]:
+    return {
+        combo[names.index(name)] for names, values in spec.axes if name in names for combo in values
+    }
+
+
+def dispatch(
+    spec: JobSpec,
+    root: str,
+    actors: list[Any],
+    batches: Iterator[Batch],
+    done: set[str],
+    todo: int,
+    options: RenderOptions,
+    summary: Summary,
+) -> None:
+    """Keep every actor busy, retry failures, and write manifest parts as results stream in."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+    from tqdm import tqdm
+
+    retry: deque[tuple[Batch, int]] = deque()
+    in_flight: dict[Any, tuple[int, Batch, int]] = {}
+    load = [0] * len(actors)
+    buffer: list[dict[str, Any]] = []
+    last_flush = time.monotonic()
+    bar = tqdm(total=todo, unit="img", disable=not options.progress, dynamic_ncols=True, desc=spec.name)
+
+    def flush() -> None:
+        nonlocal last_flush
+        if buffer:
+            manifest.write_part(root, buffer)
+            buffer.clear()
+        last_flush = time.monotonic()
+
+    def next_batch() -> tuple[Batch, int] | None:
+        if retry:
+            return retry.popleft()
+        batch = next(batches, None)
+        return (batch, 0) if batch else None
+
+    try:
+        while True:
+            # Fill every actor up to its in-flight limit.
+            for index, actor in enumerate(actors):
+                while load[index] < IN_FLIGHT_PER_ACTOR and (item := next_batch()):
+                    batch, attempt = item
+                    in_flight[actor.render.remote(batch)] = (index, batch, attempt)
+                    load[index] += 1
+            if not in_flight:
+                break
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=FLUSH_SECONDS)
+            for ref in ready:
+                index, batch, attempt = in_flight.pop(ref)
+                load[index] -= 1
+                try:
+                    rows = ray.get(ref)
+                except (RayActorError, RayTaskError) as exc:
+                    message = error_message(exc)
+                    if attempt < options.retries:
+                        retry.append((batch, attempt + 1))
+                        continue
+                    rows = failed_rows(spec.name, batch, message)
+                    summary.errors.append(message)
+                fresh = [r for r in rows if r["task_id"] not in done]
+                buffer.extend(fresh)
+                ok = sum(r["status"] == "ok" for r in fresh)
+                summary.rendered += ok
+                summary.failed += len(fresh) - ok
+                bar.update(len(fresh))
+            if len(buffer) >= FLUSH_ROWS or time.monotonic() - last_flush >= FLUSH_SECONDS:
+                flush()
+    finally:
+        # Whatever happened (Ctrl-C included), rows already rendered reach the manifest.
+        flush()
+        bar.close()
+
+
+def failed_rows(job: str, batch: Batch, message: str) -> list[dict[str, Any]]:
+    return [
+        base_row(job, task, batch, i) | {"status": "failed", "error": message} for i, task in enumerate(batch.tasks)
+    ]
+
+
+def write_summary(root: str, summary: Summary) -> None:
+    filesystem, base = storage.open_root(root)
+    data = json.dumps(summary.to_dict(), indent=2).encode()
+    storage.write_bytes(filesystem, storage.join(base, SUMMARY_FILE), data)
+
+
+def dry_run_tasks(spec: JobSpec, out: str, limit: int) -> tuple[int, list[RenderTask]]:
+    """The task count and the first tasks, without Ray; random seeds as a rerun would draw them."""
+    random_base = random_base_of(job_root(spec, out)) if os.path.exists(storage.normalise_root(out)) else None
+    tasks = []
+    for task in spec.tasks(random_base if random_base is not None else secrets.randbits(32)):
+        if len(tasks) >= limit:
+            break
+        tasks.append(task)
+    return spec.count(), tasks

@@ -1,0 +1,357 @@
+"""Model references -> loaded components.
+
+A model reference is one of:
+
+- a preset name (``tiny``), built once from a fixed seed into the farm cache;
+- a diffusers folder (one holding ``model_index.json``);
+- a Hugging Face hub id (``org/name``) already present in the local hub cache;
+- a single ``.safetensors`` checkpoint (loaded with ``from_single_file``);
+- a pickle checkpoint (``.ckpt``, ``.bin``, ``.pt``, ``.pth``), refused unless allowed.
+
+Resolving a reference (``resolve_model``) touches only the file system, so the driver and
+the spec can call it without importing torch; ``load_components`` does the heavy lifting
+inside an actor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PRESETS = ("tiny",)
+# Bumped whenever the tiny architecture or its vocabulary changes, so an old cache
+# folder is never mistaken for the current preset.
+TINY_VERSION = "v1"
+TINY_SEED = 20221122
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Words given whole-word BPE merges in the tiny tokenizer, so the demo prompts tokenize
+# into words like a real CLIP vocabulary would; anything else falls back to characters.
+TINY_WORDS = (
+    "a an the of in on with and at by from to riding giant flying space digital art "
+    "cute shiba inu dog cat puppy skunk alien beetle photo painting portrait landscape "
+    "watercolor oil sunset forest city night mountain river sea ocean blue red green "
+    "yellow orange purple black white golden house castle robot astronaut horse rabbit "
+    "wooden carving highly detailed realistic style by trending artstation blurry ugly "
+    "low quality lake tree flower sky cloud snow winter summer"
+).split()
+
+
+class ModelError(Exception):
+    """A model reference that cannot be resolved or loaded; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model reference points on this node, and how to load it."""
+
+    ref: str
+    kind: str  # "preset" | "folder" | "single_file"
+    path: str
+    config: str | None = None  # a diffusers folder whose configs a single file uses
+
+
+def farm_home() -> Path:
+    """The farm cache folder: ``$FARM_HOME`` or ``~/.cache/farm``."""
+    return Path(os.environ.get("FARM_HOME") or Path.home() / ".cache" / "farm")
+
+
+def is_known_model_ref(ref: str) -> bool:
+    """Cheap syntactic check used by the spec: a preset, an existing path or a hub id."""
+    return ref in PRESETS or Path(ref).expanduser().exists() or bool(HUB_ID.match(ref))
+
+
+def resolve_model(ref: str, allow_pickle: bool = False, config: str | None = None) -> ResolvedModel:
+    """Turn a model reference into a local path, with a clear error when it cannot be."""
+    if ref in PRESETS:
+        return ResolvedModel(ref, "preset", str(ensure_tiny()))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"model {ref!r}: folder has no model_index.json (not a diffusers pipeline folder)")
+        return ResolvedModel(ref, "folder", str(path.resolve()))
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise ModelError(
+                f"model {ref!r}: {suffix} checkpoints are pickle files that can run arbitrary code when loaded; "
+                "convert it to .safetensors, or pass --allow-pickle if you trust its source"
+            )
+        if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+            raise ModelError(f"model {ref!r}: expected a .safetensors file, a diffusers folder or a hub id")
+        return ResolvedModel(ref, "single_file", str(path.resolve()), config)
+    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return ResolvedModel(ref, "folder", find_in_hub_cache(ref))
+    raise ModelError(
+        f"model {ref!r}: not a preset ({', '.join(PRESETS)}), an existing folder or file, or a hub id (org/name)"
+    )
+
+
+def find_in_hub_cache(repo_id: str) -> str:
+    """The local snapshot folder of a hub id; never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
+        raise ModelError(
+            f"model {repo_id!r} is not in the local Hugging Face cache "
+            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}); "
+            f"download it first (hf download {repo_id}) or give a local folder"
+        ) from exc
+    if not (Path(folder) / "model_index.json").is_file():
+        raise ModelError(f"model {repo_id!r}: cached snapshot has no model_index.json (not a diffusers pipeline)")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------
+# Content hash
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hash(path: str | Path) -> str:
+    """A content hash over every file of a model folder (or one file), cached by size and mtime.
+
+    Hashing a multi-GB checkpoint takes seconds, so each file's digest is kept in
+    ``$FARM_HOME/hashes.json`` and reused while its size and mtime are unchanged.
+    """
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root))
+    cache_file = farm_home() / "hashes.json"
+    try:
+        cache: dict[str, str] = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digest = hashlib.sha256()
+    changed = False
+    for f in files:
+        stat = f.stat()
+        key = f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in cache:
+            cache[key] = file_sha256(f)
+            changed = True
+        name = f.name if root.is_file() else f.relative_to(root).as_posix()
+        digest.update(f"{name}:{cache[key]}\n".encode())
+    if changed:
+        _write_atomic(cache_file, json.dumps(cache, indent=0).encode())
+    return digest.hexdigest()
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------
+# The tiny preset
+
+
+def tiny_path() -> Path:
+    return farm_home() / "models" / f"tiny-{TINY_VERSION}"
+
+
+def ensure_tiny() -> Path:
+    """Build the tiny preset into the farm cache once; later calls just return its folder."""
+    target = tiny_path()
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
+    build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+    try:
+        staging.rename(target)
+    except OSError:
+        # Another process (a second actor) finished first; its copy is identical.
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes used by GPT-2 and CLIP byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def build_tiny_tokenizer() -> Any:
+    """A real CLIPTokenizer over a small byte-level BPE vocabulary: bytes, then word merges."""
+    from transformers import CLIPTokenizer
+
+    byte_chars = byte_alphabet()
+    vocab: dict[str, int] = {}
+    for token in byte_chars + [c + "</w>" for c in byte_chars]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in TINY_WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            merged = pair[0] + pair[1]
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(merged, len(vocab))
+            symbols = [merged] + symbols[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_pipeline() -> Any:
+    """The Stable Diffusion 1.x architecture shrunk, weights from a fixed seed."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(TINY_SEED)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(TINY_SEED + 1)
+    # Four levels, so the VAE downsamples by 8 and latents keep the real (4, H/8, W/8) shape.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,
+    )
+    torch.manual_seed(TINY_SEED + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # Stable Diffusion 1.x's own scheduler settings, so every scheduler built from this
+    # config behaves as it would on a real checkpoint.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Components:
+    """The loaded model stack an actor holds for its lifetime."""
+
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler_config: dict[str, Any]
+    device: str
+    dtype: str
+    model_hash: str
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(device: str, requested: str | None = None) -> str:
+    """fp16 on CUDA, fp32 on CPU, unless the user asked for another."""
+    if requested and requested != "auto":
+        return requested
+    return "float16" if device == "cuda" else "float32"
+
+
+def load_pipeline(model: ResolvedModel, dtype: str) -> Any:
+    """Load a StableDiffusionPipeline through diffusers' own loaders; never downloads."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    torch_dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "safety_checker": None, "local_files_only": True}
+    try:
+        if model.kind == "single_file":
+            if model.config:
+                kwargs["config"] = model.config
+            return StableDiffusionPipeline.from_single_file(model.path, **kwargs)
+        return StableDiffusionPipeline.from_pretrained(model.path, **kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:  # diffusers raises many types; the user needs one clear line
+        raise ModelError(f"model {model.ref!r}: could not load from {model.path}: {exc}") from exc
+
+
+def load_components(model: ResolvedModel, device: str, dtype: str) -> Components:
+    """Load the model stack onto a device, in eval mode, with its content hash."""
+    pipe = load_pipeline(model, dtype)
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    return Components(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        scheduler_config=dict(pipe.scheduler.config),
+        device=device,
+        dtype=dtype,
+        model_hash=model_hash(model.path),
+    )

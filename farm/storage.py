@@ -1,0 +1,57 @@
+"""The output file system: a local path or a ``pyarrow.fs`` URI (``s3://``, ``gs://``, ...).
+
+Every write is atomic: bytes go to a hidden temporary name beside the target, then are
+renamed, so a crash never leaves a half-written image or manifest part under its real name.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from pyarrow import fs as pafs
+
+
+def normalise_root(root: str) -> str:
+    """Local paths become absolute (actors may run in another working directory); URIs stay."""
+    if "://" in root:
+        return root.rstrip("/")
+    return str(Path(root).expanduser().resolve())
+
+
+def open_root(root: str) -> tuple[pafs.FileSystem, str]:
+    """The file system and base path for an output root."""
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    return pafs.LocalFileSystem(), normalise_root(root)
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
+
+
+def write_bytes(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a file atomically: a hidden temporary name, then a rename."""
+    parent, name = path.rsplit("/", 1)
+    filesystem.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    with filesystem.open_output_stream(tmp) as out:
+        out.write(data)
+    filesystem.move(tmp, path)
+
+
+def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def local_path(root: str) -> str | None:
+    """The local path of a root, or None for a remote URI."""
+    if "://" in root and not root.startswith("file://"):
+        return None
+    return os.fspath(root.removeprefix("file://"))
