@@ -91,15 +91,19 @@ class BatchRenderer:
             self.components = None  # free the old model before loading the new one
             resolved = models.resolve_model(model_ref, self.allow_pickle, self.model_config)
             device = models.pick_device()
-            self.components = models.load_components(
-                resolved, device, models.pick_dtype(device, self.requested_dtype)
-            )
+            self.components = models.load_components(resolved, device, models.pick_dtype(device, self.requested_dtype))
             self.model_ref = model_ref
         return self.info()
 
     def info(self) -> dict[str, Any]:
         c = self.components
-        return {"node": self.node, "actor": self.actor_id, "device": c.device, "dtype": c.dtype, "model_hash": c.model_hash}
+        return {
+            "node": self.node,
+            "actor": self.actor_id,
+            "device": c.device,
+            "dtype": c.dtype,
+            "model_hash": c.model_hash,
+        }
 
     def render(self, batch: Batch) -> list[dict[str, Any]]:
         """Render one batch, write each PNG, and return its manifest rows."""

@@ -33,9 +33,7 @@ def main() -> None:
 @click.option("--out", "-o", default="out", show_default=True, help="Output root (a path or a pyarrow.fs URI).")
 @click.option("--address", default=None, help="Ray cluster to join (auto, ray://HOST:10001). Default: embedded Ray.")
 @click.option("--actors", type=click.IntRange(min=1), default=None, help="Actors (default: one per GPU, else 1).")
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tasks per UNet batch."
-)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tasks per UNet batch.")
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
@@ -105,9 +103,7 @@ def render(
 @main.command()
 @click.argument("job_dir", type=str)
 @click.argument("sql", type=str)
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
-)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def query(job_dir: str, sql: str, fmt: str) -> None:
     """Run SQL over JOB_DIR's manifest, visible as the table `manifest`.
 

@@ -246,9 +246,7 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
 
 
 def swept_values(spec: JobSpec, name: str) -> set[Any]:
-    return {
-        combo[names.index(name)] for names, values in spec.axes if name in names for combo in values
-    }
+    return {combo[names.index(name)] for names, values in spec.axes if name in names for combo in values}
 
 
 def dispatch(

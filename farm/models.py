@@ -329,14 +329,45 @@ def load_pipeline(model: ResolvedModel, dtype: str) -> Any:
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "safety_checker": None, "local_files_only": True}
     try:
         if model.kind == "single_file":
-            if model.config:
-                kwargs["config"] = model.config
+            kwargs["config"] = model.config or default_single_file_config(model)
             return StableDiffusionPipeline.from_single_file(model.path, **kwargs)
         return StableDiffusionPipeline.from_pretrained(model.path, **kwargs)
     except ModelError:
         raise
     except Exception as exc:  # diffusers raises many types; the user needs one clear line
         raise ModelError(f"model {model.ref!r}: could not load from {model.path}: {exc}") from exc
+
+
+# The files diffusers fetches for a single file's configs (diffusers/loaders/single_file.py).
+SINGLE_FILE_CONFIG_FILES = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
+
+
+def default_single_file_config(model: ResolvedModel) -> str:
+    """The configs for a single file given no ``config``: its base model's, from the local hub cache.
+
+    Given no ``config``, ``from_single_file`` downloads the base model's configs when they are not
+    cached, even with ``local_files_only=True``; finding them here keeps loading offline.
+    """
+    import torch
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from safetensors import safe_open
+
+    if Path(model.path).suffix.lower() != ".safetensors":
+        raise ModelError(f"model {model.ref!r}: a pickle checkpoint needs model_config (a diffusers folder)")
+    with safe_open(model.path, framework="pt") as fh:
+        # diffusers tells base models apart by key names and shapes, which meta tensors carry.
+        shapes = {key: torch.empty(fh.get_slice(key).get_shape(), device="meta") for key in fh.keys()}  # noqa: SIM118
+    repo = fetch_diffusers_config(shapes)["pretrained_model_name_or_path"]
+    try:
+        return snapshot_download(repo, local_files_only=True, allow_patterns=SINGLE_FILE_CONFIG_FILES)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
+        raise ModelError(
+            f"model {model.ref!r}: no model_config given and the configs of its base model {repo!r} are not in "
+            f"the local Hugging Face cache; set model_config to a diffusers folder of the same architecture, "
+            f"or fetch the configs first (hf download {repo} --include '*.json' --include '*.txt')"
+        ) from exc
 
 
 def load_components(model: ResolvedModel, device: str, dtype: str) -> Components:

@@ -259,7 +259,7 @@ def sweep_values(key: str, spec: Any, where: str) -> list[Any]:
             raise SpecError(f"{where}: empty list; give at least one value")
         values = spec
     elif isinstance(spec, dict) and len(spec) == 1:
-        (form, args), = spec.items()
+        ((form, args),) = spec.items()
         values = _generated_values(key, form, args, where)
     else:
         raise SpecError(f"{where}: expected a list, {{range: [start, stop, step]}}, or {{linspace: [a, b, n]}}")
@@ -293,7 +293,9 @@ def _generated_values(key: str, form: str, args: Any, where: str) -> list[Any]:
         if not isinstance(args, int) or isinstance(args, bool) or args < 1:
             raise SpecError(f"{where}.random: expected a whole number of seeds >= 1")
         return ["random"] * args
-    raise SpecError(f"{where}: unknown form {form!r}; expected range, linspace" + (" or random" if key == "seed" else ""))
+    raise SpecError(
+        f"{where}: unknown form {form!r}; expected range, linspace" + (" or random" if key == "seed" else "")
+    )
 
 
 def _is_number(value: Any) -> bool:

@@ -1,0 +1,140 @@
+"""Model references: the tiny preset, diffusers folders, hub ids in the cache, pickle safety."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from farm import models
+from farm.cli import main
+
+
+def test_tiny_is_a_real_diffusers_folder(tiny_path: Path):
+    assert (tiny_path / "model_index.json").is_file()
+    for part in ("unet", "vae", "text_encoder"):
+        assert list((tiny_path / part).glob("*.safetensors")), part
+    assert models.ensure_tiny() == tiny_path  # built once, then reused
+
+
+def test_tiny_tokenizer_is_a_real_clip_tokenizer(tiny_components):
+    from transformers import CLIPTokenizer
+
+    tokenizer = tiny_components.tokenizer
+    assert isinstance(tokenizer, CLIPTokenizer)
+    ids = tokenizer("a cute shiba inu").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.tokenize("a cute shiba inu") == ["a</w>", "cute</w>", "shiba</w>", "inu</w>"]
+    # words outside the small vocabulary fall back to characters, never to <unk>
+    assert tokenizer.tokenize("zqx") == ["z", "q", "x</w>"]
+    assert tokenizer.model_max_length == 77
+
+
+def test_tiny_weights_come_from_a_fixed_seed(tmp_path: Path, monkeypatch, tiny_path: Path):
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    rebuilt = models.ensure_tiny()
+    assert rebuilt != tiny_path
+    for part in ("unet", "vae", "text_encoder"):
+        (a,) = (tiny_path / part).glob("*.safetensors")
+        (b,) = (rebuilt / part).glob("*.safetensors")
+        assert models.file_sha256(a) == models.file_sha256(b), part
+
+
+def test_model_hash_is_stable_and_content_based(tmp_path: Path, tiny_path: Path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_path, copy)
+    assert models.model_hash(copy) == models.model_hash(tiny_path)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert models.model_hash(copy) != models.model_hash(tiny_path)
+
+
+def test_components_have_sd_shapes(tiny_components):
+    c = tiny_components
+    assert c.unet.config.in_channels == 4 and c.vae.config.latent_channels == 4
+    assert c.unet.config.cross_attention_dim == c.text_encoder.config.hidden_size
+    assert c.dtype == "float32" and c.unet.dtype == torch.float32
+    assert len(c.model_hash) == 64
+
+
+def test_diffusers_folder_loads_through_from_pretrained(tmp_path: Path, tiny_path: Path):
+    folder = tmp_path / "my-model"
+    shutil.copytree(tiny_path, folder)
+    resolved = models.resolve_model(str(folder))
+    assert resolved.kind == "folder"
+    loaded = models.load_components(resolved, "cpu", "float32")
+    assert loaded.model_hash == models.model_hash(tiny_path)
+
+
+def fake_hub_cache(cache: Path, repo_id: str, source: Path) -> Path:
+    """Lay a folder out the way huggingface_hub caches a downloaded repo."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(source, snapshot)
+    return snapshot
+
+
+def test_hub_id_in_the_local_cache_loads(tmp_path: Path, tiny_path: Path, monkeypatch):
+    import huggingface_hub.constants
+
+    snapshot = fake_hub_cache(tmp_path, "farm-tests/tiny-sd", tiny_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    resolved = models.resolve_model("farm-tests/tiny-sd")
+    assert Path(resolved.path) == snapshot
+    assert models.load_components(resolved, "cpu", "float32").unet is not None
+
+
+def test_hub_id_missing_from_cache_is_a_clear_error(tmp_path: Path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(models.ModelError, match=r"'nobody/no-such-model' is not in the local Hugging Face cache"):
+        models.resolve_model("nobody/no-such-model")
+
+
+def job_with_model(tmp_path: Path, model: str) -> Path:
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: {model}\ndefaults: {{prompt: a cat, width: 64, height: 64, steps: 2}}\n")
+    return job
+
+
+def test_cli_missing_hub_id_exits_2_naming_it(tmp_path: Path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = CliRunner().invoke(main, ["render", str(job_with_model(tmp_path, "nobody/no-such-model"))])
+    assert result.exit_code == 2
+    assert "nobody/no-such-model" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
+def test_pickle_checkpoint_is_refused_without_allow_pickle(tmp_path: Path, suffix: str):
+    checkpoint = tmp_path / f"model{suffix}"
+    checkpoint.write_bytes(b"not really a pickle")
+    with pytest.raises(models.ModelError, match="pickle"):
+        models.resolve_model(str(checkpoint))
+    assert models.resolve_model(str(checkpoint), allow_pickle=True).kind == "single_file"
+    result = CliRunner().invoke(
+        main, ["render", str(job_with_model(tmp_path, str(checkpoint))), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "--allow-pickle" in result.output and "Traceback" not in result.output
+
+
+def test_folder_without_model_index_is_refused(tmp_path: Path):
+    with pytest.raises(models.ModelError, match="model_index.json"):
+        models.resolve_model(str(tmp_path))
+
+
+def test_dtype_defaults():
+    assert models.pick_dtype("cuda") == "float16"
+    assert models.pick_dtype("cpu") == "float32"
+    assert models.pick_dtype("cpu", "bfloat16") == "bfloat16"

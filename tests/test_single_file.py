@@ -1,0 +1,113 @@
+"""A single ``.safetensors`` checkpoint in the original LDM layout loads and renders like the diffusers folder.
+
+The checkpoint is the tiny preset written by ``ldm_export``; the configs it loads with come from a
+copy of the tiny folder without its weights, so every tensor must come from the single file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from ldm_export import export_single_file
+
+from farm.models import Components, load_components, resolve_model
+from farm.render import render_batch
+from farm.spec import RenderTask
+
+MODULES = ("unet", "vae", "text_encoder")
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError(f"network access attempted: {args}")
+
+
+@pytest.fixture(scope="module")
+def single_file(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("single_file") / "tiny-ldm.safetensors"
+    export_single_file(tiny_path, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def config_only(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny folder's configs and tokenizer, without any weights."""
+    target = tmp_path_factory.mktemp("config") / "tiny-config"
+    shutil.copytree(tiny_path, target, ignore=shutil.ignore_patterns("*.safetensors"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def single_file_components(single_file: Path, config_only: Path) -> Components:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", _no_network)
+        return load_components(resolve_model(str(single_file), config=str(config_only)), "cpu", "float32")
+
+
+def test_export_uses_the_ldm_layout(single_file: Path, tiny_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(single_file))
+    folder_tensors = sum(len(load_file(str(f))) for f in tiny_path.glob("*/*.safetensors"))
+    assert len(checkpoint) == folder_tensors
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
+    assert all(key.startswith(prefixes) for key in checkpoint)
+    for key in (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+        "model.diffusion_model.input_blocks.2.0.op.weight",
+        "model.diffusion_model.middle_block.2.emb_layers.1.weight",
+        "model.diffusion_model.output_blocks.1.1.conv.weight",
+        "model.diffusion_model.output_blocks.3.0.skip_connection.weight",
+        "first_stage_model.decoder.up.3.block.0.conv1.weight",
+        "first_stage_model.encoder.down.2.block.0.nin_shortcut.weight",
+        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+    ):
+        assert key in checkpoint, key
+    # LDM's VAE attention projections are 1x1 convolutions.
+    assert checkpoint["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (32, 32, 1, 1)
+
+
+def test_diffusers_converters_recover_every_tensor(single_file: Path, tiny_components: Components) -> None:
+    """No missing or unexpected keys: ``from_single_file`` would leave a missing one uninitialised."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(single_file))
+    converted = {
+        "unet": convert_ldm_unet_checkpoint(checkpoint, tiny_components.unet.config),
+        "vae": convert_ldm_vae_checkpoint(checkpoint, tiny_components.vae.config),
+        "text_encoder": {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(checkpoint).items()},
+    }
+    for name in MODULES:
+        expected = getattr(tiny_components, name).state_dict()
+        assert converted[name].keys() == expected.keys(), name
+        for key, tensor in expected.items():
+            assert torch.equal(converted[name][key], tensor), f"{name}.{key}"
+
+
+def test_single_file_loads_the_same_weights(single_file_components: Components, tiny_components: Components) -> None:
+    for name in MODULES:
+        loaded = getattr(single_file_components, name).state_dict()
+        expected = getattr(tiny_components, name).state_dict()
+        assert loaded.keys() == expected.keys(), name
+        for key, tensor in expected.items():
+            assert torch.equal(loaded[key], tensor), f"{name}.{key}"
+    assert single_file_components.scheduler_config == tiny_components.scheduler_config
+    assert single_file_components.tokenizer.get_vocab() == tiny_components.tokenizer.get_vocab()
+
+
+def test_single_file_renders_identical_bytes(single_file_components: Components, tiny_components: Components) -> None:
+    tasks = [RenderTask("tiny", "euler", "a cat", "", 1, 4, 7.5, 64, 64)]
+    from_file, file_scheduler = render_batch(single_file_components, tasks)
+    from_folder, folder_scheduler = render_batch(tiny_components, tasks)
+    assert from_file.shape == (1, 64, 64, 3)
+    assert from_file.tobytes() == from_folder.tobytes()
+    assert file_scheduler == folder_scheduler
