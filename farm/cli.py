@@ -32,7 +32,9 @@ def main() -> None:
 @click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "-o", default="out", show_default=True, help="Output root (a path or a pyarrow.fs URI).")
 @click.option("--address", default=None, help="Ray cluster to join (auto, ray://HOST:10001). Default: embedded Ray.")
-@click.option("--actors", type=click.IntRange(min=1), default=None, help="Actors (default: one per GPU, else 1).")
+@click.option(
+    "--actors", type=click.IntRange(min=1), default=None, help="Actors (default: one per GPU, else one per CPU core)."
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tasks per UNet batch.")
 @click.option(
     "--dtype",

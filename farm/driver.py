@@ -30,6 +30,10 @@ IN_FLIGHT_PER_ACTOR = 2
 FLUSH_SECONDS = 5.0
 FLUSH_ROWS = 512
 DEFAULT_BATCH_SIZE = 8
+# Torch's CPU kernels split reductions differently with 1 thread than with several, which
+# changes the floats; a fixed count per actor keeps the bytes independent of the actor count.
+# Parallelism on CPU comes from actors instead (one per core by default).
+CPU_THREADS = 1
 DEFAULT_RETRIES = 2
 JOB_FILE = "job.yaml"
 RUN_FILE = "run.json"
@@ -155,22 +159,20 @@ def start_ray(address: str | None) -> bool:
 
 
 def start_actors(spec: JobSpec, root: str, options: RenderOptions) -> list[Any]:
-    """One actor per GPU where the cluster has GPUs, else ``--actors`` CPU actors."""
+    """One actor per GPU where the cluster has GPUs, else one single-threaded actor per CPU."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    count = options.actors or (gpus if gpus else 1)
-    if count < 1:
-        raise FarmError("--actors: expected at least 1")
-    # Without GPUs, split this machine's cores between the actors so they do not oversubscribe.
-    threads = None if gpus or options.address else max(1, cpus // count)
+    count = options.actors or gpus or cpus
     remote = ray.remote(
         num_gpus=1 if gpus else 0,
-        num_cpus=1 if gpus or options.address else min(threads or 1, cpus),
+        # More actors than CPUs still all start (sharing cores) rather than wait forever.
+        num_cpus=min(1.0, cpus / count),
         max_restarts=-1,
         max_task_retries=0,
     )(BatchRenderer)
+    threads = None if gpus else CPU_THREADS
     first_model = spec.defaults["model"]
     actors = [
         remote.remote(spec.name, root, options.dtype, options.allow_pickle, spec.model_config, threads)

@@ -115,7 +115,7 @@ def format_table(table: pa.Table, fmt: str = "table", max_width: int = 60) -> st
 
         buffer = io.BytesIO()
         pacsv.write_csv(table, buffer)
-        return buffer.getvalue().decode()
+        return buffer.getvalue().decode().rstrip("\n")
     rows = table.to_pylist()
     if fmt == "json":
         return "\n".join(json.dumps(r, default=str, ensure_ascii=False) for r in rows)
