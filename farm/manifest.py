@@ -53,7 +53,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("diffusers_version", pa.string(), "diffusers version"),
     ("farm_version", pa.string(), "farm version"),
     ("created_at", pa.timestamp("us", tz="UTC"), "when the row was made"),
-    ("task_json", pa.string(), "the whole task as canonical JSON (what farm reproduce re-renders)"),
+    ("task_json", pa.string(), "the whole task as canonical JSON (its hash is the task id)"),
 ]
 SCHEMA = pa.schema([pa.field(name, dtype) for name, dtype, _ in COLUMNS])
 
