@@ -263,7 +263,7 @@ def dispatch(
 ) -> None:
     """Keep every actor busy, retry failures, and write manifest parts as results stream in."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayError
     from tqdm import tqdm
 
     retry: deque[tuple[Batch, int]] = deque()
@@ -302,7 +302,7 @@ def dispatch(
                 load[index] -= 1
                 try:
                     rows = ray.get(ref)
-                except (RayActorError, RayTaskError) as exc:
+                except RayError as exc:  # the task raised, or its actor or worker died
                     message = error_message(exc)
                     if attempt < options.retries:
                         retry.append((batch, attempt + 1))

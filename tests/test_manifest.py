@@ -1,0 +1,52 @@
+"""The manifest schema, atomic part files and the README's column table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from farm.manifest import COLUMNS, SCHEMA, ok_task_ids, query, read_manifest, write_part
+from farm.spec import RenderTask
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def row(task_id: str, status: str = "ok") -> dict:
+    return {"task_id": task_id, "status": status, "prompt": "p", "seed": 1}
+
+
+def test_parts_are_written_whole_and_read_as_one_dataset(tmp_path: Path):
+    root = str(tmp_path / "job")
+    first = write_part(root, [row("a"), row("b", "failed")])
+    write_part(root, [row("c")])
+    assert pq.read_schema(first) == SCHEMA
+    files = sorted(p.name for p in (tmp_path / "job" / "manifest").iterdir())
+    assert len(files) == 2 and all(f.startswith("part-") and f.endswith(".parquet") for f in files)
+    assert sorted(read_manifest(root).column("task_id").to_pylist()) == ["a", "b", "c"]
+    assert ok_task_ids(root) == {"a", "c"}
+
+
+def test_hidden_temporary_files_are_ignored(tmp_path: Path):
+    root = str(tmp_path / "job")
+    write_part(root, [row("a")])
+    (tmp_path / "job" / "manifest" / ".part-half-written.parquet.tmp").write_bytes(b"PAR1 truncated")
+    assert read_manifest(root).num_rows == 1
+
+
+def test_empty_manifest_reads_and_queries(tmp_path: Path):
+    root = str(tmp_path / "nothing")
+    assert read_manifest(root).num_rows == 0
+    assert ok_task_ids(root) == set()
+    assert query(root, "SELECT count(*) AS n FROM manifest").to_pylist() == [{"n": 0}]
+
+
+def test_every_task_field_is_a_column():
+    names = {name for name, _, _ in COLUMNS}
+    assert set(RenderTask.__dataclass_fields__) <= names
+
+
+def test_readme_documents_every_column():
+    text = README.read_text()
+    for name, _, _ in COLUMNS:
+        assert f"| `{name}` |" in text, name
