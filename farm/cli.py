@@ -91,9 +91,13 @@ def render(
         fail(str(exc))
     click.echo(
         f"{spec.name}: rendered {summary.rendered}, skipped {summary.skipped}, failed {summary.failed} "
-        f"of {summary.total} in {summary.elapsed:.1f}s ({summary.images_per_second:.2f} images/s, "
-        f"{summary.actors} actor{'s' if summary.actors != 1 else ''})"
+        f"of {summary.total} in {summary.elapsed:.1f}s ({summary.images_per_second:.2f} images/s)"
     )
+    if summary.rendered:
+        click.echo(
+            f"  start-up {summary.startup:.1f}s (Ray, {summary.actors} actor{'s' if summary.actors != 1 else ''}, "
+            f"model load), then {summary.rendering_images_per_second:.2f} images/s"
+        )
     for message in summary.errors[:3]:
         click.echo(f"  failed: {message}", err=True)
     click.echo(f"output: {summary.job_root}")

@@ -64,12 +64,19 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     elapsed: float = 0.0
+    startup: float = 0.0  # Ray start + actor start and model load, within elapsed
     actors: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
         return self.rendered / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def rendering_images_per_second(self) -> float:
+        """Throughput once the actors are up: what a long job sees."""
+        busy = self.elapsed - self.startup
+        return self.rendered / busy if busy > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +87,8 @@ class Summary:
             "failed": self.failed,
             "elapsed_s": round(self.elapsed, 3),
             "images_per_s": round(self.images_per_second, 3),
+            "startup_s": round(self.startup, 3),
+            "rendering_images_per_s": round(self.rendering_images_per_second, 3),
             "actors": self.actors,
             "errors": self.errors[:20],
         }
@@ -237,6 +246,7 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
         try:
             actors = start_actors(spec, root, options)
             summary.actors = len(actors)
+            summary.startup = time.perf_counter() - start
             # 4. Dispatch batches with backpressure; write rows as they arrive
             dispatch(spec, root, actors, pending(), done, todo, options, summary)
         finally:
