@@ -94,19 +94,26 @@ def resolve_model(ref: str, allow_pickle: bool = False, config: str | None = Non
     )
 
 
-def find_in_hub_cache(repo_id: str) -> str:
-    """The local snapshot folder of a hub id; never downloads."""
+def cached_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> str | None:
+    """The local snapshot folder of a hub repo, or None when it is not cached; never downloads."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(repo_id, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
+        return snapshot_download(repo_id, local_files_only=True, allow_patterns=allow_patterns)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def find_in_hub_cache(repo_id: str) -> str:
+    """The local snapshot folder of a hub id, with a clear error when it is not cached."""
+    folder = cached_snapshot(repo_id)
+    if folder is None:
         raise ModelError(
             f"model {repo_id!r} is not in the local Hugging Face cache "
             f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}); "
             f"download it first (hf download {repo_id}) or give a local folder"
-        ) from exc
+        )
     if not (Path(folder) / "model_index.json").is_file():
         raise ModelError(f"model {repo_id!r}: cached snapshot has no model_index.json (not a diffusers pipeline)")
     return folder
@@ -350,8 +357,6 @@ def default_single_file_config(model: ResolvedModel) -> str:
     """
     import torch
     from diffusers.loaders.single_file_utils import fetch_diffusers_config
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
     from safetensors import safe_open
 
     if Path(model.path).suffix.lower() != ".safetensors":
@@ -360,14 +365,14 @@ def default_single_file_config(model: ResolvedModel) -> str:
         # diffusers tells base models apart by key names and shapes, which meta tensors carry.
         shapes = {key: torch.empty(fh.get_slice(key).get_shape(), device="meta") for key in fh.keys()}  # noqa: SIM118
     repo = fetch_diffusers_config(shapes)["pretrained_model_name_or_path"]
-    try:
-        return snapshot_download(repo, local_files_only=True, allow_patterns=SINGLE_FILE_CONFIG_FILES)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
+    folder = cached_snapshot(repo, SINGLE_FILE_CONFIG_FILES)
+    if folder is None:
         raise ModelError(
             f"model {model.ref!r}: no model_config given and the configs of its base model {repo!r} are not in "
             f"the local Hugging Face cache; set model_config to a diffusers folder of the same architecture, "
             f"or fetch the configs first (hf download {repo} --include '*.json' --include '*.txt')"
-        ) from exc
+        )
+    return folder
 
 
 def load_components(model: ResolvedModel, device: str, dtype: str) -> Components:
