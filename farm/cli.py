@@ -43,6 +43,13 @@ def main() -> None:
     show_default=True,
     help="Model dtype (auto: float16 on CUDA, float32 on CPU).",
 )
+@click.option(
+    "--flush-seconds",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Write manifest rows at least this often; a crash re-renders at most this much work.",
+)
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle checkpoints (.ckpt/.bin), which can run code.")
 @click.option("--dry-run", is_flag=True, help="Print the task count and the first tasks; start nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -53,6 +60,7 @@ def render(
     actors: int | None,
     batch_size: int,
     dtype: str,
+    flush_seconds: float,
     allow_pickle: bool,
     dry_run: bool,
     no_progress: bool,
@@ -82,6 +90,7 @@ def render(
         actors=actors,
         batch_size=batch_size,
         dtype=dtype,
+        flush_seconds=flush_seconds,
         allow_pickle=allow_pickle,
         progress=not no_progress,
     )

@@ -53,6 +53,7 @@ class RenderOptions:
     dtype: str = "auto"
     allow_pickle: bool = False
     retries: int = DEFAULT_RETRIES
+    flush_seconds: float = FLUSH_SECONDS
     progress: bool = True
 
 
@@ -306,7 +307,7 @@ def dispatch(
                     load[index] += 1
             if not in_flight:
                 break
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=FLUSH_SECONDS)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=options.flush_seconds)
             for ref in ready:
                 index, batch, attempt = in_flight.pop(ref)
                 load[index] -= 1
@@ -325,7 +326,7 @@ def dispatch(
                 summary.rendered += ok
                 summary.failed += len(fresh) - ok
                 bar.update(len(fresh))
-            if len(buffer) >= FLUSH_ROWS or time.monotonic() - last_flush >= FLUSH_SECONDS:
+            if len(buffer) >= FLUSH_ROWS or time.monotonic() - last_flush >= options.flush_seconds:
                 flush()
     finally:
         # Whatever happened (Ctrl-C included), rows already rendered reach the manifest.

@@ -68,10 +68,5 @@ def read_png_metadata(data: bytes) -> dict[str, Any]:
     return json.loads(text)
 
 
-def read_png_pixels(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -6,7 +6,6 @@ renamed, so a crash never leaves a half-written image or manifest part under its
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -48,10 +47,3 @@ def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
 
 def exists(filesystem: pafs.FileSystem, path: str) -> bool:
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def local_path(root: str) -> str | None:
-    """The local path of a root, or None for a remote URI."""
-    if "://" in root and not root.startswith("file://"):
-        return None
-    return os.fspath(root.removeprefix("file://"))

@@ -151,3 +151,16 @@ def test_a_model_that_fails_to_load_in_the_actor_is_one_clear_error(ray_session,
     result = CliRunner().invoke(main, ["render", str(job), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "could not load" in result.output and "Traceback" not in result.output
+
+
+def test_output_to_a_filesystem_uri(ray_session, small_job_module, tmp_path, two_actor_run):
+    """Actors write through pyarrow.fs, so any URI it knows (file://, s3://, gs://) works as --out."""
+    _, local_root = two_actor_run
+    summary = run_job(
+        load_job(small_job_module), RenderOptions(out=f"file://{tmp_path}", actors=2, batch_size=4, progress=False)
+    )
+    assert summary.job_root == f"file://{tmp_path}/small"
+    assert len(list((tmp_path / "small" / "images").glob("*.png"))) == 12
+    assert shas(summary.job_root) == shas(str(local_root))
+    result = CliRunner().invoke(main, ["query", summary.job_root, "SELECT count(*) AS n FROM manifest"])
+    assert result.exit_code == 0 and result.output.splitlines()[2].strip() == "12"
