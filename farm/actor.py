@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from farm import __version__, storage
@@ -36,7 +36,7 @@ def base_row(job: str, task: RenderTask, batch: Batch, index: int) -> dict[str, 
         "batch_index": index,
         "image_path": image_relpath(task.task_id),
         "farm_version": __version__,
-        "created_at": datetime.now(UTC),
+        "created_at": datetime.now(timezone.utc),
         "task_json": task.canonical_json(),
     }
 
@@ -51,6 +51,9 @@ def configure_torch(threads: int | None) -> None:
         torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+    if torch.cuda.is_available():
+        # warn_only: an op without a deterministic CUDA kernel warns instead of failing the job.
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 class BatchRenderer:
@@ -88,7 +91,10 @@ class BatchRenderer:
         if model_ref != self.model_ref:
             from farm import models
 
-            self.components = None  # free the old model before loading the new one
+            # Free the old model before loading the new one; if the load fails, the next
+            # batch tries again instead of finding half a state.
+            self.components = None
+            self.model_ref = None
             resolved = models.resolve_model(model_ref, self.allow_pickle, self.model_config)
             device = models.pick_device()
             self.components = models.load_components(resolved, device, models.pick_dtype(device, self.requested_dtype))
@@ -140,6 +146,7 @@ class BatchRenderer:
                 device=c.device,
                 scheduler_config=_json(sched_config),
                 seconds=seconds,
+                model_config=self.model_config,
                 node=self.node,
                 actor=self.actor_id,
                 torch_version=torch.__version__,

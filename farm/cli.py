@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from pyarrow.lib import ArrowException
 
 from farm import __version__
 
@@ -98,6 +99,8 @@ def render(
         summary = run_job(spec, options)
     except FarmError as exc:
         fail(str(exc))
+    except (OSError, ArrowException) as exc:  # an output folder that cannot be written
+        fail(f"--out {out}: {exc}")
     click.echo(
         f"{spec.name}: rendered {summary.rendered}, skipped {summary.skipped}, failed {summary.failed} "
         f"of {summary.total} in {summary.elapsed:.1f}s ({summary.images_per_second:.2f} images/s)"
@@ -126,15 +129,17 @@ def query(job_dir: str, sql: str, fmt: str) -> None:
     """
     import duckdb
 
-    from farm.manifest import format_table
+    from farm.manifest import format_table, has_manifest
     from farm.manifest import query as run_query
 
-    if "://" not in job_dir and not Path(job_dir).is_dir():
-        fail(f"{job_dir}: no such job folder")
     try:
+        if not has_manifest(job_dir):
+            fail(f"{job_dir}: no manifest here (expected a job folder: OUT/<job name>)")
         table = run_query(job_dir, sql)
     except duckdb.Error as exc:
         fail(f"SQL: {str(exc).splitlines()[0]}")
+    except (OSError, ArrowException) as exc:
+        fail(f"{job_dir}: {exc}")
     click.echo(format_table(table, fmt))
 
 

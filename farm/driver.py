@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from farm import manifest, storage
-from farm.actor import BatchRenderer, base_row
-from farm.models import ModelError, resolve_model
+from farm.actor import IMAGES_DIR, BatchRenderer, base_row
+from farm.models import PRESETS, ModelError, resolve_model
 from farm.spec import Batch, JobSpec, RenderTask
 
 # One batch rendering and one queued per actor: the actor never waits for the driver, and
@@ -130,18 +130,20 @@ def job_root(spec: JobSpec, out: str) -> str:
 
 
 def prepare_output(spec: JobSpec, root: str) -> int:
-    """Write the spec as submitted; return the run's random base (kept across resumes)."""
+    """Write the spec as submitted, clear a crash's leftovers; return the run's random base."""
     filesystem, base = storage.open_root(root)
     storage.write_bytes(filesystem, storage.join(base, JOB_FILE), spec.source.encode())
-    run_path = storage.join(base, RUN_FILE)
-    if storage.exists(filesystem, run_path):
-        return int(json.loads(storage.read_bytes(filesystem, run_path))["random_base"])
-    random_base = secrets.randbits(32)
-    storage.write_bytes(filesystem, run_path, json.dumps({"random_base": random_base}).encode())
+    for folder in (IMAGES_DIR, manifest.MANIFEST_DIR):
+        storage.remove_temporaries(filesystem, storage.join(base, folder))
+    random_base = random_base_of(root)
+    if random_base is None:
+        random_base = secrets.randbits(32)
+        storage.write_bytes(filesystem, storage.join(base, RUN_FILE), json.dumps({"random_base": random_base}).encode())
     return random_base
 
 
 def random_base_of(root: str) -> int | None:
+    """The random-seed draw kept in a job folder's run.json (None before the first run)."""
     filesystem, base = storage.open_root(root)
     path = storage.join(base, RUN_FILE)
     if storage.exists(filesystem, path):
@@ -160,15 +162,19 @@ def start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # The embedded Ray serves no dashboard: nothing listens beyond what Ray itself needs.
-        ray.init(include_dashboard=False, **kwargs)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # "local" always starts a new Ray, never joins one named by RAY_ADDRESS or `ray start`;
+            # it serves no dashboard: nothing listens beyond what Ray itself needs.
+            ray.init(address="local", include_dashboard=False, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise FarmError(f"--address {address or 'local'}: cannot start or join Ray: {exc}") from exc
     return True
 
 
-def start_actors(spec: JobSpec, root: str, options: RenderOptions) -> list[Any]:
+def start_actors(spec: JobSpec, root: str, options: RenderOptions, first_model: str) -> list[Any]:
     """One actor per GPU where the cluster has GPUs, else one single-threaded actor per CPU."""
     import ray
 
@@ -183,7 +189,6 @@ def start_actors(spec: JobSpec, root: str, options: RenderOptions) -> list[Any]:
         max_task_retries=0,
     )(BatchRenderer)
     threads = None if gpus else CPU_THREADS
-    first_model = spec.defaults["model"]
     actors = [
         remote.remote(spec.name, root, options.dtype, options.allow_pickle, spec.model_config, threads)
         for _ in range(count)
@@ -217,16 +222,15 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
     """Render every task of a job not already done, and write its manifest."""
     import ray
 
-    # 1. Check the model locally where we can, so a bad reference fails before Ray starts
+    # 1. Check the models locally where we can, so a bad reference fails before Ray starts
+    #    (presets always resolve; building one here would import torch into the driver)
     root = job_root(spec, options.out)
     if not options.address:
-        for model in {spec.defaults["model"]} | swept_values(spec, "model"):
+        for model in ({spec.defaults["model"]} | swept_values(spec, "model")) - set(PRESETS):
             try:
                 resolve_model(model, options.allow_pickle, spec.model_config)
             except ModelError as exc:
                 raise FarmError(str(exc)) from exc
-    if options.batch_size < 1:
-        raise FarmError("--batch-size: expected at least 1")
 
     # 2. Prepare the output folder and find what is already done
     random_base = prepare_output(spec, root)
@@ -245,7 +249,8 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
         # 3. Start or join Ray, and the actors (each loads the model once)
         started = start_ray(options.address)
         try:
-            actors = start_actors(spec, root, options)
+            first_model = next(t.model for t in spec.tasks(random_base) if t.task_id not in done)
+            actors = start_actors(spec, root, options, first_model)
             summary.actors = len(actors)
             summary.startup = time.perf_counter() - start
             # 4. Dispatch batches with backpressure; write rows as they arrive
@@ -307,7 +312,9 @@ def dispatch(
                     load[index] += 1
             if not in_flight:
                 break
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=options.flush_seconds)
+            # Wake for a result, or when buffered rows are due; with nothing buffered, just wait.
+            due = options.flush_seconds - (time.monotonic() - last_flush)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=max(0.0, due) if buffer else None)
             for ref in ready:
                 index, batch, attempt = in_flight.pop(ref)
                 load[index] -= 1
@@ -321,6 +328,7 @@ def dispatch(
                     rows = failed_rows(spec.name, batch, message)
                     summary.errors.append(message)
                 fresh = [r for r in rows if r["task_id"] not in done]
+                done.update(r["task_id"] for r in fresh if r["status"] == "ok")
                 buffer.extend(fresh)
                 ok = sum(r["status"] == "ok" for r in fresh)
                 summary.rendered += ok

@@ -39,6 +39,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("scheduler_config", pa.string(), "the scheduler's full config as JSON"),
     ("model", pa.string(), "model reference as written in the job"),
     ("model_hash", pa.string(), "sha256 over the model's files"),
+    ("model_config", pa.string(), "the job's model_config (configs for a single-file checkpoint), else null"),
     ("dtype", pa.string(), "torch dtype of the model (float32, float16, bfloat16)"),
     ("device", pa.string(), "torch device type (cpu, cuda)"),
     ("batch_id", pa.string(), "hash of the task ids rendered together in one UNet batch"),
@@ -94,6 +95,11 @@ def ok_task_ids(job_root: str) -> set[str]:
     return set(table.column("task_id").to_pylist())
 
 
+def has_manifest(job_root: str) -> bool:
+    filesystem, base = storage.open_root(job_root)
+    return storage.exists(filesystem, storage.join(base, MANIFEST_DIR))
+
+
 def query(job_root: str, sql: str) -> pa.Table:
     """Run SQL over the manifest, visible as the table ``manifest``."""
     import duckdb
@@ -116,6 +122,7 @@ def format_table(table: pa.Table, fmt: str = "table", max_width: int = 60) -> st
         buffer = io.BytesIO()
         pacsv.write_csv(table, buffer)
         return buffer.getvalue().decode().rstrip("\n")
+    table = table.rename_columns(unique_names(table.column_names))
     rows = table.to_pylist()
     if fmt == "json":
         return "\n".join(json.dumps(r, default=str, ensure_ascii=False) for r in rows)
@@ -126,6 +133,17 @@ def format_table(table: pa.Table, fmt: str = "table", max_width: int = 60) -> st
     rule = "  ".join("-" * w for w in widths)
     body = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join([line, rule, *body, f"({len(rows)} row{'s' if len(rows) != 1 else ''})"])
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """``SELECT 1 AS a, 2 AS a`` is legal SQL; suffix repeats so no column hides another."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        out.append(name if count == 0 else f"{name}_{count}")
+    return out
 
 
 def _cell(value: Any, max_width: int) -> str:

@@ -56,6 +56,7 @@ class ResolvedModel:
     kind: str  # "preset" | "folder" | "single_file"
     path: str
     config: str | None = None  # a diffusers folder whose configs a single file uses
+    allow_pickle: bool = False  # may a folder's .bin (pickle) weights be loaded
 
 
 def farm_home() -> Path:
@@ -65,7 +66,12 @@ def farm_home() -> Path:
 
 def is_known_model_ref(ref: str) -> bool:
     """Cheap syntactic check used by the spec: a preset, an existing path or a hub id."""
-    return ref in PRESETS or Path(ref).expanduser().exists() or bool(HUB_ID.match(ref))
+    if ref in PRESETS or HUB_ID.match(ref):
+        return True
+    try:
+        return Path(ref).expanduser().exists()
+    except (OSError, RuntimeError):  # a name too long for the OS, ~unknown-user
+        return False
 
 
 def resolve_model(ref: str, allow_pickle: bool = False, config: str | None = None) -> ResolvedModel:
@@ -76,7 +82,7 @@ def resolve_model(ref: str, allow_pickle: bool = False, config: str | None = Non
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelError(f"model {ref!r}: folder has no model_index.json (not a diffusers pipeline folder)")
-        return ResolvedModel(ref, "folder", str(path.resolve()))
+        return ResolvedModel(ref, "folder", str(path.resolve()), allow_pickle=allow_pickle)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in PICKLE_SUFFIXES and not allow_pickle:
@@ -87,8 +93,8 @@ def resolve_model(ref: str, allow_pickle: bool = False, config: str | None = Non
         if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
             raise ModelError(f"model {ref!r}: expected a .safetensors file, a diffusers folder or a hub id")
         return ResolvedModel(ref, "single_file", str(path.resolve()), config)
-    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
-        return ResolvedModel(ref, "folder", find_in_hub_cache(ref))
+    if HUB_ID.match(ref):
+        return ResolvedModel(ref, "folder", find_in_hub_cache(ref), allow_pickle=allow_pickle)
     raise ModelError(
         f"model {ref!r}: not a preset ({', '.join(PRESETS)}), an existing folder or file, or a hub id (org/name)"
     )
@@ -338,11 +344,16 @@ def load_pipeline(model: ResolvedModel, dtype: str) -> Any:
         if model.kind == "single_file":
             kwargs["config"] = model.config or default_single_file_config(model)
             return StableDiffusionPipeline.from_single_file(model.path, **kwargs)
-        return StableDiffusionPipeline.from_pretrained(model.path, **kwargs)
+        # A folder whose weights are only .bin files holds pickles: refused like a .ckpt.
+        safetensors_only = None if model.allow_pickle else True  # None: either format, as diffusers defaults
+        return StableDiffusionPipeline.from_pretrained(model.path, use_safetensors=safetensors_only, **kwargs)
     except ModelError:
         raise
     except Exception as exc:  # diffusers raises many types; the user needs one clear line
-        raise ModelError(f"model {model.ref!r}: could not load from {model.path}: {exc}") from exc
+        hint = ""
+        if model.kind == "folder" and not model.allow_pickle and "safetensors" in str(exc).lower():
+            hint = " (its weights may be .bin pickle files: convert them to .safetensors, or pass --allow-pickle)"
+        raise ModelError(f"model {model.ref!r}: could not load from {model.path}: {exc}{hint}") from exc
 
 
 # The files diffusers fetches for a single file's configs (diffusers/loaders/single_file.py).

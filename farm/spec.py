@@ -35,6 +35,9 @@ MAX_SEED = 2**32 - 1
 # Beyond these the job is almost certainly a typo (and would exhaust memory or time).
 MAX_SIZE = 4096
 MAX_STEPS = 1000
+# One axis's values are held in memory (the product of axes is not): a million is plenty
+# and still small, while {range: [0, 4294967295]} would exhaust memory.
+MAX_AXIS_VALUES = 1_000_000
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -73,6 +76,7 @@ class RenderTask:
 
 
 TASK_FIELDS = tuple(f.name for f in dataclasses.fields(RenderTask))
+INT_FIELDS = ("seed", "steps", "width", "height")
 
 
 @dataclass(frozen=True)
@@ -157,10 +161,11 @@ def parse_job(text: str, default_name: str = "job", where: str = "job") -> JobSp
 
     name = data.get("name", default_name)
     if not isinstance(name, str) or not NAME.match(name):
-        raise SpecError("name: expected letters, digits, '_', '-' or '.' (it names the output folder)")
+        source = "" if "name" in data else f" (none given, and the file name {default_name!r} cannot serve)"
+        raise SpecError(f"name: expected letters, digits, '_', '-' or '.' (it names the output folder){source}")
 
     defaults = _parse_defaults(data)
-    axes = _parse_sweep(data.get("sweep") or {}, "sweep") + _parse_zip(data.get("zip") or {})
+    axes = _parse_sweep(_or_empty(data, "sweep", {}), "sweep") + _parse_zip(_or_empty(data, "zip", []))
     names = [n for axis_names, _ in axes for n in axis_names]
     repeated = {n for n in names if names.count(n) > 1}
     if repeated:
@@ -195,7 +200,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _parse_defaults(data: dict[str, Any]) -> dict[str, Any]:
-    defaults_in = data.get("defaults") or {}
+    defaults_in = _or_empty(data, "defaults", {})
     if not isinstance(defaults_in, dict):
         raise SpecError("defaults: expected a mapping of task fields")
     fields = dict(DEFAULTS)
@@ -221,23 +226,41 @@ def _parse_sweep(sweep: Any, where: str) -> list[tuple[tuple[str, ...], tuple[tu
     return axes
 
 
+def _or_empty(data: dict[str, Any], key: str, empty: Any) -> Any:
+    """A section's value; a key written with nothing after it (``sweep:``) means empty."""
+    value = data.get(key)
+    return empty if value is None else value
+
+
 def _parse_zip(zipped: Any) -> list[tuple[tuple[str, ...], tuple[tuple[Any, ...], ...]]]:
     """``zip`` is one mapping (one group) or a list of mappings (several groups)."""
-    if not zipped:
-        return []
+    if not isinstance(zipped, dict | list):
+        raise SpecError("zip: expected a mapping of task field -> values, or a list of such mappings")
     groups = zipped if isinstance(zipped, list) else [zipped]
     axes = []
     for i, group in enumerate(groups):
         where = "zip" if isinstance(zipped, dict) else f"zip[{i}]"
         if not isinstance(group, dict) or not group:
             raise SpecError(f"{where}: expected a mapping of task field -> values of equal length")
-        columns = {key: sweep_values(key, spec, f"{where}.{key}") for key, spec in group.items()}
+        columns = {key: sweep_values(key, spec, f"{where}.{key}", unique=False) for key, spec in group.items()}
         lengths = {len(v) for v in columns.values()}
         if len(lengths) != 1:
             detail = ", ".join(f"{k}: {len(v)}" for k, v in columns.items())
             raise SpecError(f"{where}: zipped fields need the same number of values ({detail})")
-        axes.append((tuple(columns), tuple(zip(*columns.values(), strict=True))))
+        rows = tuple(zip(*columns.values(), strict=True))
+        _refuse_repeats(rows, where)
+        axes.append((tuple(columns), rows))
     return axes
+
+
+def _refuse_repeats(values: tuple | list, where: str) -> None:
+    """The same value twice on an axis would be the same task twice: rendered twice, two rows."""
+    seen: dict[str, int] = {}
+    for i, value in enumerate(values):
+        key = repr(value)
+        if key in seen:
+            raise SpecError(f"{where}[{i}]: repeats [{seen[key]}] ({value!r}); each value once")
+        seen[key] = i
 
 
 def _order_axes(axes: list) -> list:
@@ -250,7 +273,7 @@ def _order_axes(axes: list) -> list:
     return sorted(axes, key=rank)  # sorted() is stable: equal ranks keep the spec's order
 
 
-def sweep_values(key: str, spec: Any, where: str) -> list[Any]:
+def sweep_values(key: str, spec: Any, where: str, unique: bool = True) -> list[Any]:
     """A sweep axis: a list, ``{range: [start, stop, step]}``, ``{linspace: [a, b, n]}`` or ``{random: n}``."""
     if key not in TASK_FIELDS:
         raise SpecError(f"{where}: unknown task field; expected one of {', '.join(TASK_FIELDS)}")
@@ -269,11 +292,13 @@ def sweep_values(key: str, spec: Any, where: str) -> list[Any]:
             out.append(RandomSlot(f"{where}[{i}]"))
         else:
             out.append(check_value(key, value, f"{where}[{i}]"))
+    if unique:  # a zipped column may repeat a value; its rows may not (checked by the caller)
+        _refuse_repeats(out, where)
     return out
 
 
 def _generated_values(key: str, form: str, args: Any, where: str) -> list[Any]:
-    numbers = isinstance(args, list) and all(_is_number(a) for a in args)
+    numbers = isinstance(args, list) and all(_is_number(a) and math.isfinite(a) for a in args)
     if form == "range":
         if not numbers or len(args) not in (2, 3):
             raise SpecError(f"{where}.range: expected [start, stop] or [start, stop, step]")
@@ -283,15 +308,19 @@ def _generated_values(key: str, form: str, args: Any, where: str) -> list[Any]:
         count = math.ceil((stop - start) / step)
         if count <= 0:
             raise SpecError(f"{where}.range: [{start}, {stop}, {step}] gives no values")
+        if count > MAX_AXIS_VALUES:
+            raise SpecError(f"{where}.range: {count} values; at most {MAX_AXIS_VALUES} on one axis")
         return [_tidy(start + i * step) for i in range(count)]
     if form == "linspace":
-        if not numbers or len(args) != 3 or not isinstance(args[2], int) or args[2] < 1:
-            raise SpecError(f"{where}.linspace: expected [first, last, count] with a whole count >= 1")
+        if not numbers or len(args) != 3 or not isinstance(args[2], int) or not 1 <= args[2] <= MAX_AXIS_VALUES:
+            raise SpecError(
+                f"{where}.linspace: expected [first, last, count] with a whole count from 1 to {MAX_AXIS_VALUES}"
+            )
         a, b, n = args
         return [_tidy(a + (b - a) * i / (n - 1)) if n > 1 else a for i in range(n)]
     if form == "random" and key == "seed":
-        if not isinstance(args, int) or isinstance(args, bool) or args < 1:
-            raise SpecError(f"{where}.random: expected a whole number of seeds >= 1")
+        if not isinstance(args, int) or isinstance(args, bool) or not 1 <= args <= MAX_AXIS_VALUES:
+            raise SpecError(f"{where}.random: expected a whole number of seeds from 1 to {MAX_AXIS_VALUES}")
         return ["random"] * args
     raise SpecError(
         f"{where}: unknown form {form!r}; expected range, linspace" + (" or random" if key == "seed" else "")
@@ -309,6 +338,8 @@ def _tidy(value: float) -> float | int:
 
 def check_value(key: str, value: Any, where: str) -> Any:
     """Validate one value of a task field and return it normalised (ints as ints, floats as floats)."""
+    if key in INT_FIELDS and isinstance(value, float) and value.is_integer():
+        value = int(value)  # linspace and float ranges give 64.0 for a width of 64
     if key in ("prompt", "negative_prompt"):
         if not isinstance(value, str):
             raise SpecError(f"{where}: expected text, got {_kind(value)}")

@@ -47,3 +47,17 @@ def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
 
 def exists(filesystem: pafs.FileSystem, path: str) -> bool:
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def remove_temporaries(filesystem: pafs.FileSystem, folder: str) -> int:
+    """Delete what a crash mid-write left behind (hidden ``.tmp`` files); returns how many."""
+    if not exists(filesystem, folder):
+        return 0
+    leftovers = [
+        info.path
+        for info in filesystem.get_file_info(pafs.FileSelector(folder))
+        if info.base_name.startswith(".") and info.base_name.endswith(".tmp")
+    ]
+    for path in leftovers:
+        filesystem.delete_file(path)
+    return len(leftovers)

@@ -49,7 +49,7 @@ def test_grid_renders_one_png_and_one_ok_row_per_task(two_actor_run, small_job_m
     assert len(pngs) == len(rows) == len(tasks)
     assert {r["task_id"] for r in rows} == set(tasks)
     assert all(r["status"] == "ok" for r in rows)
-    assert {r["actor"] for r in rows} and all(r["actor"] for r in rows)
+    assert len({r["actor"] for r in rows}) == 2  # both actors rendered
     assert (root / "job.yaml").read_text() == small_job_module.read_text()
     assert json.loads((root / "summary.json").read_text())["rendered"] == 12
 

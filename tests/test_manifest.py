@@ -50,3 +50,35 @@ def test_readme_documents_every_column():
     text = README.read_text()
     for name, _, _ in COLUMNS:
         assert f"| `{name}` |" in text, name
+
+
+def test_repeated_column_names_stay_apart():
+    import pyarrow as pa
+
+    from farm.manifest import format_table
+
+    table = pa.table([pa.array([1]), pa.array([2])], names=["a", "a"])
+    assert format_table(table, "json") == '{"a": 1, "a_1": 2}'
+    assert format_table(table).splitlines()[2].split() == ["1", "2"]
+
+
+def test_a1111_parameters_chunk():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from farm.images import encode_png, read_png_metadata
+
+    task = RenderTask("tiny", "euler_a", "a cat", "blurry", 42, 20, 7.5, 64, 48)
+    meta = {"task": task.to_dict(), "task_id": task.task_id, "model_hash": "abcdef0123456789"}
+    data = encode_png(np.zeros((48, 64, 3), np.uint8), meta)
+    with Image.open(io.BytesIO(data)) as image:
+        text = image.text["parameters"]
+        assert image.size == (64, 48)
+    assert text.splitlines() == [
+        "a cat",
+        "Negative prompt: blurry",
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x48, Model hash: abcdef0123, Model: tiny",
+    ]
+    assert read_png_metadata(data) == meta

@@ -138,3 +138,17 @@ def test_dtype_defaults():
     assert models.pick_dtype("cuda") == "float16"
     assert models.pick_dtype("cpu") == "float32"
     assert models.pick_dtype("cpu", "bfloat16") == "bfloat16"
+
+
+def test_folder_with_only_pickle_weights_needs_allow_pickle(tmp_path: Path, tiny_path: Path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-weights"
+    shutil.copytree(tiny_path, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(models.ModelError, match="--allow-pickle"):
+        models.load_components(models.resolve_model(str(folder)), "cpu", "float32")
+    loaded = models.load_components(models.resolve_model(str(folder), allow_pickle=True), "cpu", "float32")
+    assert loaded.unet is not None

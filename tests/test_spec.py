@@ -69,6 +69,31 @@ zip:
     assert {(t.prompt, t.seed) for t in tasks} == {("a", 10), ("b", 20), ("c", 30)}
 
 
+def test_zip_groups_as_a_list_and_whole_floats_for_int_fields():
+    spec = parse_job(
+        """
+defaults: {prompt: x}
+sweep:
+  width: {linspace: [64, 128, 2]}
+zip:
+  - {prompt: [a, b], seed: [1, 1]}
+  - {steps: [5, 10], guidance: [3, 4]}
+"""
+    )
+    tasks = list(spec.tasks())
+    assert spec.count() == len(tasks) == 2 * 2 * 2
+    assert {t.width for t in tasks} == {64, 128} and all(isinstance(t.width, int) for t in tasks)
+    assert {(t.steps, t.guidance) for t in tasks} == {(5, 3.0), (10, 4.0)}
+    assert {(t.prompt, t.seed) for t in tasks} == {("a", 1), ("b", 1)}  # a zipped column may repeat
+
+
+def test_unusable_file_name_is_named_when_no_name_is_given(tmp_path: Path):
+    job = tmp_path / "my job.yaml"
+    job.write_text("defaults: {prompt: x}")
+    result = CliRunner().invoke(main, ["render", str(job), "--dry-run"])
+    assert result.exit_code == 2 and "'my job' cannot serve" in result.output
+
+
 def test_random_seeds_are_concrete_and_fixed_by_base():
     spec = parse_job("defaults: {prompt: x}\nsweep:\n  seed: {random: 3}\n  prompt: [a, b]")
     run1 = [t.seed for t in spec.tasks(random_base=7)]
@@ -107,6 +132,15 @@ BAD_SPECS = [
     ("sweep: {model: [tiny, ./missing.safetensors]}", "sweep.model[1]"),
     ("sweep: {seed: {range: [5, 1]}}", "sweep.seed.range"),
     ("sweep: {seed: -1}", "sweep.seed"),
+    ("sweep: {seed: [-1]}", "sweep.seed[0]"),
+    ("sweep: {seed: [1, 2, 1]}", "sweep.seed[2]"),
+    ("sweep: {guidance: [7, 7.0]}", "sweep.guidance[1]"),
+    ("zip: {prompt: [a, a], seed: [1, 1]}", "zip[1]"),
+    ("sweep: {guidance: {range: [0, .inf]}}", "sweep.guidance.range"),
+    ("sweep: {seed: {range: [0, 4294967295]}}", "sweep.seed.range"),
+    ("sweep: 0", "sweep"),
+    ("zip: 5", "zip"),
+    ("model: " + "x" * 5000, "model"),
     ("zip: {prompt: [a, b], seed: [1]}", "zip"),
     ("name: ../escape", "name"),
     ("defaults: [1, 2]", "defaults"),
