@@ -14,6 +14,7 @@ from farm import __version__
 # 1 when the job ran but some tasks failed.
 EXIT_BAD_INPUT = 2
 EXIT_TASKS_FAILED = 1
+EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by Ctrl-C
 DRY_RUN_SHOWN = 10
 
 
@@ -101,6 +102,9 @@ def render(
         fail(str(exc))
     except (OSError, ArrowException) as exc:  # an output folder that cannot be written
         fail(f"--out {out}: {exc}")
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: finished batches are saved; run the same command again to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     click.echo(
         f"{spec.name}: rendered {summary.rendered}, skipped {summary.skipped}, failed {summary.failed} "
         f"of {summary.total} in {summary.elapsed:.1f}s ({summary.images_per_second:.2f} images/s)"

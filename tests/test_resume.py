@@ -118,3 +118,17 @@ def test_a_batch_that_keeps_failing_gets_failed_rows_and_the_job_goes_on(ray_ses
     assert rows["boom"]["status"] == "failed" and "cannot render boom" in rows["boom"]["error"]
     assert rows["a"]["status"] == rows["c"]["status"] == "ok"
     assert ray.get(actor.count.remote()) == 2 + 3  # two good batches, the bad one tried 1 + 2 retries
+
+
+def test_ctrl_c_saves_finished_batches_and_says_how_to_resume(tmp_path: Path):
+    job = tmp_path / "crash.yaml"
+    job.write_text(JOB)
+    out = tmp_path / "out"
+    proc = farm_render(job, out)
+    wait_for_first_part(out / "crash", proc)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    assert "run the same command again to resume" in output
+    rows = read_manifest(str(out / "crash")).to_pylist()
+    assert 0 < len(rows) < 96 and all((out / "crash" / r["image_path"]).is_file() for r in rows)
