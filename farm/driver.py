@@ -8,6 +8,7 @@ a failed call or a dead actor, and writes manifest parts as rows stream back.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -239,22 +240,24 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
     todo = sum(1 for t in spec.tasks(random_base) if t.task_id not in done)
     summary.skipped = summary.total - todo
 
-    def pending() -> Iterator[Batch]:
-        for batch in cut_batches(spec.tasks(random_base), options.batch_size):
-            if not all(t.task_id in done for t in batch.tasks):
-                yield batch
+    pending = (
+        batch
+        for batch in cut_batches(spec.tasks(random_base), options.batch_size)
+        if not all(t.task_id in done for t in batch.tasks)
+    )
 
     start = time.perf_counter()
     if todo:
         # 3. Start or join Ray, and the actors (each loads the model once)
         started = start_ray(options.address)
         try:
-            first_model = next(t.model for t in spec.tasks(random_base) if t.task_id not in done)
-            actors = start_actors(spec, root, options, first_model)
+            # The first pending batch names the model the actors load at start-up.
+            first = next(pending)
+            actors = start_actors(spec, root, options, first.tasks[0].model)
             summary.actors = len(actors)
             summary.startup = time.perf_counter() - start
             # 4. Dispatch batches with backpressure; write rows as they arrive
-            dispatch(spec, root, actors, pending(), done, todo, options, summary)
+            dispatch(spec, root, actors, itertools.chain([first], pending), done, todo, options, summary)
         finally:
             if started:
                 ray.shutdown()

@@ -30,11 +30,16 @@ def join(*parts: str) -> str:
     return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
 
 
+# Temporary files are hidden (a leading ".") so dataset readers skip them, and end in
+# this suffix so a later run can tell a crash's leftovers from anything else.
+TMP_SUFFIX = ".tmp"
+
+
 def write_bytes(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write a file atomically: a hidden temporary name, then a rename."""
     parent, name = path.rsplit("/", 1)
     filesystem.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
     with filesystem.open_output_stream(tmp) as out:
         out.write(data)
     filesystem.move(tmp, path)
@@ -56,7 +61,7 @@ def remove_temporaries(filesystem: pafs.FileSystem, folder: str) -> int:
     leftovers = [
         info.path
         for info in filesystem.get_file_info(pafs.FileSelector(folder))
-        if info.base_name.startswith(".") and info.base_name.endswith(".tmp")
+        if info.base_name.startswith(".") and info.base_name.endswith(TMP_SUFFIX)
     ]
     for path in leftovers:
         filesystem.delete_file(path)
