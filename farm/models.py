@@ -28,7 +28,7 @@ from typing import Any
 PRESETS = ("tiny",)
 # Bumped whenever the tiny architecture or its vocabulary changes, so an old cache
 # folder is never mistaken for the current preset.
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 TINY_SEED = 20221122
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -209,6 +209,18 @@ def byte_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
+def apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding: merge the adjacent pair of lowest rank until no pair has a merge."""
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols[:-1], symbols[1:], strict=True))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
 def build_tiny_tokenizer() -> Any:
     """A real CLIPTokenizer over a small byte-level BPE vocabulary: bytes, then word merges."""
     from transformers import CLIPTokenizer
@@ -219,14 +231,14 @@ def build_tiny_tokenizer() -> Any:
         vocab.setdefault(token, len(vocab))
     merges: list[tuple[str, str]] = []
     for word in TINY_WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        # Apply the merges made so far, as the tokenizer will ("at" is merged before "cat" is
+        # seen), then add merges for what is left, so every word ends up one token.
+        symbols = apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
         while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
-            merged = pair[0] + pair[1]
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(merged, len(vocab))
-            symbols = [merged] + symbols[2:]
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            symbols = [pair[0] + pair[1]] + symbols[2:]
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)

@@ -33,6 +33,12 @@ def test_tiny_tokenizer_is_a_real_clip_tokenizer(tiny_components):
     assert tokenizer.model_max_length == 77
 
 
+def test_every_tiny_word_is_one_token(tiny_components):
+    # token mixing and textual inversion need whole words; "cat" must not split on "at"
+    split = [w for w in models.TINY_WORDS if len(tiny_components.tokenizer.tokenize(w)) != 1]
+    assert split == []
+
+
 def test_tiny_weights_come_from_a_fixed_seed(tmp_path: Path, monkeypatch, tiny_path: Path):
     monkeypatch.setenv("FARM_HOME", str(tmp_path))
     rebuilt = models.ensure_tiny()
