@@ -7,6 +7,7 @@ the driver does) stays light.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -15,9 +16,13 @@ from typing import Any
 
 from farm import __version__, storage
 from farm.images import encode_png, sha256_bytes
-from farm.spec import Batch, RenderTask
+from farm.spec import Batch, Embedding, RenderTask
 
 IMAGES_DIR = "images"
+# Step captures: frames/<task_id>/<kind>-<step>.png, one row each (README, "Step capture").
+FRAMES_DIR = "frames"
+# Task fields held as JSON text in the manifest (lists and mappings).
+JSON_FIELDS = ("mix", "token_mix", "embeddings", "guidance_loss")
 
 
 def image_relpath(task_id: str) -> str:
@@ -25,14 +30,31 @@ def image_relpath(task_id: str) -> str:
     return f"{IMAGES_DIR}/{task_id}.png"
 
 
-def base_row(job: str, task: RenderTask, batch: Batch, index: int) -> dict[str, Any]:
-    """The input half of a manifest row: everything known before rendering."""
+def frame_relpath(task_id: str, kind: str, step_index: int) -> str:
+    return f"{FRAMES_DIR}/{task_id}/{kind}-{step_index:04d}.png"
+
+
+def task_columns(task: RenderTask) -> dict[str, Any]:
+    """The task as manifest columns: lists and mappings as JSON text, unused ones as null."""
+    row = task.to_dict()
+    for name in JSON_FIELDS:
+        row[name] = _json(row[name]) if row[name] else None
+    row["captures"] = ",".join(row.pop("capture")) or None
+    return row
+
+
+def base_row(job: str, task: RenderTask, batch: Batch, index: int, size: int | None = None) -> dict[str, Any]:
+    """The input half of a manifest row: everything known before rendering.
+
+    ``size`` is the number of tasks rendered together when some of the batch failed its
+    input checks (the rest render as a smaller batch).
+    """
     return {
-        **task.to_dict(),
+        **task_columns(task),
         "task_id": task.task_id,
         "job": job,
         "batch_id": batch.batch_id,
-        "batch_size": len(batch.tasks),
+        "batch_size": size or len(batch.tasks),
         "batch_index": index,
         "image_path": image_relpath(task.task_id),
         "farm_version": __version__,
@@ -111,54 +133,123 @@ class BatchRenderer:
             "model_hash": c.model_hash,
         }
 
+    def check_inputs(self, embedding_sets: list[tuple[Embedding, ...]], loss_names: list[str]) -> list[str]:
+        """Problems with inputs a whole job shares (textual-inversion files, custom losses), checked
+        against the loaded model before any batch runs, so they end the job with one clear line."""
+        from farm.losses import load_loss
+        from farm.text import PromptEncoder, PromptError
+
+        problems = []
+        for embeddings in embedding_sets:
+            try:
+                PromptEncoder(self.components, embeddings)
+            except PromptError as exc:
+                problems.append(str(exc))
+        for name in loss_names:
+            try:
+                load_loss(name)
+            except ValueError as exc:
+                problems.append(str(exc))
+        return problems
+
     def render(self, batch: Batch) -> list[dict[str, Any]]:
-        """Render one batch, write each PNG, and return its manifest rows."""
+        """Render one batch, write each PNG (and captured frames), and return the manifest rows.
+
+        A task whose inputs cannot be used (an unreadable init image, a prompt the model
+        cannot encode) gets a failed row with its error; the rest of the batch renders.
+        """
+        from farm.render import TaskInputError, render_batch
+
+        self.load(batch.tasks[0].model)
+        errors: dict[str, str] = {}
+        init_images = {t.task_id: self.read_init_image(t, errors) for t in batch.tasks if t.init_image}
+        start = time.perf_counter()
+        while True:
+            live = [t for t in batch.tasks if t.task_id not in errors]
+            if not live:
+                result = None
+                break
+            try:
+                result = render_batch(self.components, live, [init_images.get(t.task_id) for t in live])
+                break
+            except TaskInputError as exc:  # raised before denoising: drop those tasks and go again
+                errors.update({live[i].task_id: message for i, message in exc.errors.items()})
+        rows = [
+            base_row(self.job, task, batch, i) | {"status": "failed", "error": errors[task.task_id]}
+            for i, task in enumerate(batch.tasks)
+            if task.task_id in errors
+        ]
+        if result is not None:
+            seconds = (time.perf_counter() - start) / len(live)
+            rows += self.write_outputs(batch, live, result, seconds)
+        return rows
+
+    def read_init_image(self, task: RenderTask, errors: dict[str, str]) -> Any:
+        """The task's init image fitted to its size, or None with the error noted."""
+        from farm.images import fit_image
+
+        try:
+            with open(task.init_image, "rb") as f:  # type: ignore[arg-type]
+                data = f.read()
+            if sha256_bytes(data) != task.init_image_sha256:
+                raise ValueError("the file changed since the job was read (its sha256 differs); rerun the job")
+            return fit_image(data, task.width, task.height)
+        except (OSError, ValueError) as exc:
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            errors[task.task_id] = f"init_image: {task.init_image}: {message}"
+            return None
+
+    def write_outputs(self, batch: Batch, tasks: list[RenderTask], result: Any, seconds: float) -> list[dict[str, Any]]:
+        """Write every image and captured frame, and return their rows (frames' rows carry ``capture``)."""
         import diffusers
         import torch
 
-        from farm.render import render_batch
-
-        self.load(batch.tasks[0].model)
         c = self.components
-        start = time.perf_counter()
-        images, sched_config = render_batch(c, batch.tasks)
-        seconds = (time.perf_counter() - start) / len(batch.tasks)
+        outputs = {
+            "status": "ok",
+            "model_hash": c.model_hash,
+            "dtype": c.dtype,
+            "device": c.device,
+            "scheduler_config": _json(result.scheduler_config),
+            "seconds": seconds,
+            "model_config": self.model_config,
+            "node": self.node,
+            "actor": self.actor_id,
+            "torch_version": torch.__version__,
+            "diffusers_version": diffusers.__version__,
+        }
         rows = []
-        for index, (task, pixels) in enumerate(zip(batch.tasks, images, strict=True)):
-            row = base_row(self.job, task, batch, index)
+        for index, task in enumerate(tasks):
+            row = base_row(self.job, task, batch, index, len(tasks)) | outputs
+            row.update(prompt_tokens=result.prompt_tokens[index], prompt_truncated=result.prompt_truncated[index])
             meta = {
-                "task": task.to_dict(),
+                "task": json.loads(task.canonical_json()),
                 "task_id": task.task_id,
                 "batch_id": batch.batch_id,
-                "batch_size": len(batch.tasks),
+                "batch_size": len(tasks),
                 "batch_index": index,
                 "model_hash": c.model_hash,
                 "dtype": c.dtype,
-                "scheduler_config": sched_config,
+                "scheduler_config": result.scheduler_config,
             }
-            data = encode_png(pixels, meta)
-            storage.write_bytes(self.filesystem, storage.join(self.base, row["image_path"]), data)
-            row.update(
-                status="ok",
-                image_sha256=sha256_bytes(data),
-                model_hash=c.model_hash,
-                dtype=c.dtype,
-                device=c.device,
-                scheduler_config=_json(sched_config),
-                seconds=seconds,
-                model_config=self.model_config,
-                node=self.node,
-                actor=self.actor_id,
-                torch_version=torch.__version__,
-                diffusers_version=diffusers.__version__,
-            )
+            row["image_sha256"] = self.write_png(row["image_path"], result.images[index], meta)
             rows.append(row)
+            for kind, frames in result.frames.items():
+                for step_index, pixels in enumerate(frames[:, index]):
+                    path = frame_relpath(task.task_id, kind, step_index)
+                    sha = self.write_png(path, pixels, meta | {"capture": kind, "step_index": step_index})
+                    rows.append(
+                        row | {"capture": kind, "step_index": step_index, "image_path": path, "image_sha256": sha}
+                    )
         return rows
+
+    def write_png(self, relpath: str, pixels: Any, meta: dict[str, Any]) -> str:
+        data = encode_png(pixels, meta)
+        storage.write_bytes(self.filesystem, storage.join(self.base, relpath), data)
+        return sha256_bytes(data)
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, sort_keys=True, default=str)
 
 

@@ -79,9 +79,10 @@ def render(
         count, tasks = dry_run_tasks(spec, out, DRY_RUN_SHOWN)
         click.echo(f"{spec.name}: {count} task{'s' if count != 1 else ''}")
         for task in tasks:
+            extra = task.techniques()
             click.echo(
                 f"  {task.task_id}  seed={task.seed} steps={task.steps} guidance={task.guidance:g} "
-                f"{task.width}x{task.height} {task.scheduler}  {task.prompt!r}"
+                f"{task.width}x{task.height} {task.scheduler}  {task.prompt!r}" + (f"  [{extra}]" if extra else "")
             )
         if count > len(tasks):
             click.echo(f"  ... and {count - len(tasks)} more")

@@ -254,6 +254,7 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
             # The first pending batch names the model the actors load at start-up.
             first = next(pending)
             actors = start_actors(spec, root, options, first.tasks[0].model)
+            check_inputs(spec, actors[0])
             summary.actors = len(actors)
             summary.startup = time.perf_counter() - start
             # 4. Dispatch batches with backpressure; write rows as they arrive
@@ -264,6 +265,19 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
     summary.elapsed = time.perf_counter() - start
     write_summary(root, summary)
     return summary
+
+
+def check_inputs(spec: JobSpec, actor: Any) -> None:
+    """Ask one actor whether the model accepts the job's shared inputs; the first problem ends the job."""
+    import ray
+
+    embedding_sets = [e for e in {spec.defaults["embeddings"]} | swept_values(spec, "embeddings") if e]
+    losses = {spec.defaults["guidance_loss"]} | swept_values(spec, "guidance_loss")
+    loss_names = sorted({loss.name for loss in losses if loss is not None and loss.name != "color"})
+    if embedding_sets or loss_names:
+        problems = ray.get(actor.check_inputs.remote(embedding_sets, loss_names))
+        if problems:
+            raise FarmError(problems[0])
 
 
 def swept_values(spec: JobSpec, name: str) -> set[Any]:
@@ -331,12 +345,16 @@ def dispatch(
                     rows = failed_rows(spec.name, batch, message)
                     summary.errors.append(message)
                 fresh = [r for r in rows if r["task_id"] not in done]
-                done.update(r["task_id"] for r in fresh if r["status"] == "ok")
+                images = [r for r in fresh if r.get("capture") is None]  # the rest are step captures
+                done.update(r["task_id"] for r in images if r["status"] == "ok")
                 buffer.extend(fresh)
-                ok = sum(r["status"] == "ok" for r in fresh)
+                ok = sum(r["status"] == "ok" for r in images)
                 summary.rendered += ok
-                summary.failed += len(fresh) - ok
-                bar.update(len(fresh))
+                summary.failed += len(images) - ok
+                summary.errors.extend(
+                    r["error"] for r in images if r["status"] != "ok" and r["error"] not in summary.errors
+                )
+                bar.update(len(images))
             if len(buffer) >= FLUSH_ROWS or time.monotonic() - last_flush >= options.flush_seconds:
                 flush()
     finally:

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 FARM_CHUNK = "farm"
@@ -45,6 +45,11 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         f"Model hash: {meta.get('model_hash', '')[:10]}",
         f"Model: {task['model']}",
     ]
+    if task.get("variation_seed") is not None:
+        strength = task.get("variation_strength", 0.0)
+        fields += [f"Variation seed: {task['variation_seed']}", f"Variation seed strength: {strength:g}"]
+    if task.get("strength") is not None:
+        fields.append(f"Denoising strength: {task['strength']:g}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -70,3 +75,22 @@ def read_png_metadata(data: bytes) -> dict[str, Any]:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def fit_image(data: bytes, width: int, height: int) -> np.ndarray:
+    """An init image fitted to a task's size: scaled (Lanczos) to cover width x height with its
+    aspect ratio kept, then centre-cropped; RGB uint8 (height, width, 3).
+
+    Raises ValueError for bytes that are not an image PIL can read.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except UnidentifiedImageError as exc:  # its message names an in-memory buffer: say it plainly
+        raise ValueError("not a readable image (not a format PIL can identify)") from exc
+    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ValueError(f"not a readable image ({exc})") from exc
+    if rgb.size != (width, height):
+        rgb = ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+    return np.asarray(rgb, dtype=np.uint8)

@@ -37,6 +37,24 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("height", pa.int32(), "image height in pixels"),
     ("scheduler", pa.string(), "scheduler name (ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m)"),
     ("scheduler_config", pa.string(), "the scheduler's full config as JSON"),
+    ("variation_seed", pa.int64(), "seed whose noise is blended into the seed's noise, else null"),
+    ("variation_strength", pa.float64(), "slerp weight of the variation seed's noise (0: the seed's own image)"),
+    ("perturb_scale", pa.float64(), "perturbation: noise = (seed + scale x variation) / sqrt(1 + scale^2); 0: unused"),
+    ("init_image", pa.string(), "img2img init image (absolute path), else null"),
+    ("init_image_sha256", pa.string(), "sha256 of the init image file"),
+    ("strength", pa.float64(), "img2img strength: int(steps x strength) steps run; null without an init image"),
+    ("start_step", pa.int32(), "img2img: the step the loop starts at (steps - int(steps x strength)); 0 otherwise"),
+    ("mix", pa.string(), "prompt mix as JSON [{prompt, weight}, ...], else null"),
+    ("mix_mode", pa.string(), "how mix blends the prompt embeddings: sum or slerp"),
+    ("token_mix", pa.string(), "token-embedding mixes as JSON [{token, other, weight}, ...], else null"),
+    ("embeddings", pa.string(), "textual-inversion files as JSON [{path, sha256, token}, ...], else null"),
+    ("guidance_loss", pa.string(), "guidance loss as JSON {name, target, scale, every}, else null"),
+    ("captures", pa.string(), "step captures the task asked for (latents, x0), comma-separated, else null"),
+    ("long_prompt", pa.string(), "prompts over 75 tokens: truncate or chunk"),
+    ("prompt_tokens", pa.int32(), "the prompt's token count (the longest prompt of a mix)"),
+    ("prompt_truncated", pa.bool_(), "true when the prompt or negative prompt lost tokens to truncation"),
+    ("capture", pa.string(), "null for the image; latents or x0 for a captured step frame"),
+    ("step_index", pa.int32(), "the captured frame's step (latents: 0 is the start), else null"),
     ("model", pa.string(), "model reference as written in the job"),
     ("model_hash", pa.string(), "sha256 over the model's files"),
     ("model_config", pa.string(), "the job's model_config (configs for a single-file checkpoint), else null"),
@@ -90,8 +108,9 @@ def read_manifest(job_root: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def ok_task_ids(job_root: str) -> set[str]:
-    """Ids of tasks that already have an ok row (what a resumed run skips)."""
-    table = dataset(job_root).to_table(columns=["task_id"], filter=ds.field("status") == "ok")
+    """Ids of tasks that already have an ok image row (what a resumed run skips)."""
+    done = (ds.field("status") == "ok") & ds.field("capture").is_null()
+    table = dataset(job_root).to_table(columns=["task_id"], filter=done)
     return set(table.column("task_id").to_pylist())
 
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from farm.losses import LossFunction, load_loss, per_image
 from farm.models import Components
-from farm.noise import make_generator, prepare_latents
-from farm.spec import RenderTask
+from farm.noise import make_generator, slerp, task_noise
+from farm.spec import BATCH_FIELDS, GuidanceLoss, RenderTask
+from farm.text import PromptEncoder, PromptError, pad_chunks
 
 # How many latents the VAE decodes at once: its activations at full resolution dominate
 # peak memory (a 512x512 decode is ~3 GB at batch 8 in fp16), so decode in slices.
@@ -49,20 +52,102 @@ def scheduler_config(scheduler: Any) -> dict[str, Any]:
     }
 
 
-def encode_prompts(components: Components, prompts: Sequence[str]) -> torch.Tensor:
-    """Text embeddings (N, 77, d) for each prompt; each distinct prompt is encoded once."""
-    distinct = list(dict.fromkeys(prompts))
-    tokens = components.tokenizer(
-        distinct,
-        padding="max_length",
-        max_length=components.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        embeds = components.text_encoder(tokens.input_ids.to(components.device))[0]
-    index = torch.tensor([distinct.index(p) for p in prompts], device=embeds.device)
-    return embeds.index_select(0, index)
+class TaskInputError(ValueError):
+    """Inputs of some tasks in a batch cannot be used; ``errors`` maps batch index -> message.
+
+    Raised before any denoising, so the caller can drop those tasks (each gets a failed
+    row with its message) and render the rest of the batch.
+    """
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        super().__init__("; ".join(f"task {i}: {m}" for i, m in sorted(errors.items())))
+        self.errors = errors
+
+
+@dataclass
+class RenderResult:
+    """What one batch produced, in task order."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    scheduler_config: dict[str, Any]
+    prompt_tokens: list[int]
+    prompt_truncated: list[bool]
+    # capture kind -> (frames, N, H, W, 3) uint8, frame f of task n at [f, n]
+    frames: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Conditioning:
+    """Per-task text conditioning, padded to one sequence length for the batch."""
+
+    text: torch.Tensor  # (N, 77k, d)
+    uncond: torch.Tensor  # (N, 77k, d)
+    tokens: list[int]
+    truncated: list[bool]
+
+
+def encode_conditioning(components: Components, tasks: Sequence[RenderTask]) -> Conditioning:
+    """Each task's prompt (or prompt mix) and negative prompt as text embeddings.
+
+    Raises ``TaskInputError`` naming every task whose prompt, token mix or embedding
+    file this model cannot use.
+    """
+    first = tasks[0]
+    try:
+        encoder = PromptEncoder(components, first.embeddings, first.long_prompt)
+    except PromptError as exc:  # the embeddings are a batch field: every task shares the problem
+        raise TaskInputError(dict.fromkeys(range(len(tasks)), str(exc))) from exc
+    texts, unconds, tokens, truncated, errors = [], [], [], [], {}
+    empty = encoder.encode("").embeds
+    for i, task in enumerate(tasks):
+        try:
+            if task.mix:
+                parts = [encoder.encode(part.prompt) for part in task.mix]
+                text = mix_embeddings([p.embeds for p in parts], [m.weight for m in task.mix], task.mix_mode, empty)
+            else:
+                parts = [encoder.encode(task.prompt, task.token_mix)]
+                text = parts[0].embeds
+            negative = encoder.encode(task.negative_prompt)
+        except PromptError as exc:
+            errors[i] = str(exc)
+            continue
+        texts.append(text)
+        unconds.append(negative.embeds)
+        tokens.append(max(p.tokens for p in parts))
+        truncated.append(any(p.truncated for p in parts) or negative.truncated)
+    if errors:
+        raise TaskInputError(errors)
+    padded = pad_chunks(texts + unconds, empty)
+    return Conditioning(padded[: len(tasks)], padded[len(tasks) :], tokens, truncated)
+
+
+def mix_embeddings(
+    embeds: Sequence[torch.Tensor], weights: Sequence[float], mode: str, empty: torch.Tensor
+) -> torch.Tensor:
+    """Blend prompt embeddings at the text encoder's output: a weighted sum, or slerp of two.
+
+    Weight 1 on one prompt (and 0 on the rest) gives that prompt's embedding exactly.
+    Chunked long prompts of different lengths are first padded with ``empty`` chunks.
+    """
+    if len({e.shape for e in embeds}) > 1:
+        embeds = list(pad_chunks(embeds, empty).split(1))
+    if mode == "slerp":
+        w0, w1 = weights
+        return slerp(w1 / (w0 + w1) if w0 + w1 else 0.0, embeds[0], embeds[1])
+    mixed = embeds[0] * weights[0]
+    for embed, weight in zip(embeds[1:], weights[1:], strict=True):
+        mixed = mixed + embed * weight
+    return mixed
+
+
+def resolve_loss(loss: GuidanceLoss | None, count: int) -> tuple[GuidanceLoss, LossFunction] | None:
+    """The batch's guidance loss and its function; an import failure fails every task (a batch field)."""
+    if loss is None:
+        return None
+    try:
+        return loss, load_loss(loss.name)
+    except ValueError as exc:
+        raise TaskInputError(dict.fromkeys(range(count), str(exc))) from exc
 
 
 def step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
@@ -71,20 +156,151 @@ def step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, 
     return {"generator": generators} if "generator" in params else {}
 
 
-def denoise(
+def prepare_timesteps(scheduler: Any, steps: int, start_step: int, device: str) -> torch.Tensor:
+    """The timesteps to run: all of them, or from ``start_step`` on for img2img (as diffusers does)."""
+    scheduler.set_timesteps(steps, device=device)
+    begin = start_step * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    return scheduler.timesteps[begin:]
+
+
+def encode_images(
+    components: Components, pixels: Sequence[np.ndarray], generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """Init images (H, W, 3) uint8 -> latents, sampling the VAE posterior with each task's own generator."""
+    vae = components.vae
+    latents = []
+    for start in range(0, len(pixels), VAE_DECODE_CHUNK):
+        chunk = np.stack(pixels[start : start + VAE_DECODE_CHUNK])
+        x = torch.from_numpy(chunk).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        with torch.no_grad():
+            dist = vae.encode(x.to(components.device, vae.dtype)).latent_dist
+        eps = torch.stack(
+            [torch.randn(dist.mean.shape[1:], generator=g) for g in generators[start : start + VAE_DECODE_CHUNK]]
+        )
+        latents.append(dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype))
+    return torch.cat(latents) * vae.config.scaling_factor
+
+
+def prepare_latents(
+    components: Components,
+    scheduler: Any,
+    timesteps: torch.Tensor,
+    tasks: Sequence[RenderTask],
+    generators: list[torch.Generator],
+    init_images: Sequence[np.ndarray | None],
+) -> torch.Tensor:
+    """Starting latents: each task's noise (its seed, moved towards its variation seed), scaled
+    for txt2img, or added to its encoded init image at the first timestep for img2img.
+
+    Each generator draws in a fixed order: the noise, then the VAE posterior sample, then
+    (ancestral schedulers) the step noise.
+    """
+    first = tasks[0]
+    dtype = components.unet.dtype
+    noise = torch.stack(
+        [
+            task_noise(g, first.width, first.height, t.variation_seed, t.variation_strength, t.perturb_scale)
+            for g, t in zip(generators, tasks, strict=True)
+        ]
+    ).to(components.device, dtype)
+    latents = noise * scheduler.init_noise_sigma
+    img2img = [i for i, pixels in enumerate(init_images) if pixels is not None]
+    if img2img:
+        encoded = encode_images(components, [init_images[i] for i in img2img], [generators[i] for i in img2img])
+        index = torch.tensor(img2img, device=latents.device)
+        if len(timesteps):
+            t = timesteps[:1].repeat(len(img2img))
+            encoded = scheduler.add_noise(encoded, noise.index_select(0, index), t)
+        latents = latents.index_copy(0, index, encoded.to(dtype))
+    return latents
+
+
+def is_sigma_scheduler(scheduler: Any) -> bool:
+    """k-diffusion-style samplers keep latents as x0 + sigma * noise (their initial sigma is > 1)."""
+    return float(scheduler.init_noise_sigma) > 1.0
+
+
+def current_sigma(scheduler: Any) -> float:
+    """The noise level of the latents the next ``step`` call receives (sigma samplers)."""
+    index = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
+    return float(scheduler.sigmas[index])
+
+
+def predicted_x0(scheduler: Any, latents: torch.Tensor, noise_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean latents the model predicts from noisy ``latents`` (Ho et al. (2020), eq. 15)."""
+    if is_sigma_scheduler(scheduler):
+        return latents - current_sigma(scheduler) * noise_pred
+    alpha = scheduler.alphas_cumprod.to(latents.device)[t.long()].to(latents.dtype)
+    return (latents - (1 - alpha).sqrt() * noise_pred) / alpha.sqrt()
+
+
+def guidance_step_size(scheduler: Any, t: torch.Tensor) -> float:
+    """sigma^2, the notebook's scale for a loss gradient, in the sampler's own coordinates.
+
+    Sigma samplers hold x = x0 + sigma * noise, so it is sigma^2. DDIM/PNDM/DPM++ hold
+    sqrt(a) * (x0 + sigma * noise) with sigma^2 = (1 - a) / a; the same move there is (1 - a).
+    """
+    if is_sigma_scheduler(scheduler):
+        return current_sigma(scheduler) ** 2
+    return float(1 - scheduler.alphas_cumprod[int(t)])
+
+
+def loss_gradient(
     components: Components,
     scheduler: Any,
     latents: torch.Tensor,
-    text_embeds: torch.Tensor,
-    uncond_embeds: torch.Tensor,
+    noise_pred: torch.Tensor,
+    t: torch.Tensor,
+    loss: GuidanceLoss,
+    loss_fn: LossFunction,
+) -> torch.Tensor:
+    """d(scale x loss(decode(x0(latents)))) / d latents, a few images at a time to bound memory.
+
+    Each image's loss is its own term of the sum, so its gradient does not depend on the
+    other images in the batch.
+    """
+    vae = components.vae
+    grads = []
+    for start in range(0, latents.shape[0], VAE_DECODE_CHUNK):
+        part = latents[start : start + VAE_DECODE_CHUNK].detach().requires_grad_()
+        with torch.enable_grad():
+            x0 = predicted_x0(scheduler, part, noise_pred[start : start + part.shape[0]], t)
+            images = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample / 2 + 0.5
+            value = per_image(loss_fn(images.float(), loss.target), part.shape[0]).sum() * loss.scale
+            grads.append(torch.autograd.grad(value, part)[0])
+    return torch.cat(grads)
+
+
+def denoise(
+    components: Components,
+    scheduler: Any,
+    timesteps: torch.Tensor,
+    latents: torch.Tensor,
+    cond: Conditioning,
     guidance: float,
     generators: list[torch.Generator],
-) -> torch.Tensor:
-    """The sampling loop with classifier-free guidance (Ho & Salimans, 2022)."""
+    capture: Sequence[str] = (),
+    loss: tuple[GuidanceLoss, LossFunction] | None = None,
+) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+    """The sampling loop with classifier-free guidance (Ho & Salimans, 2022), an optional
+    guidance loss every ``loss.every`` steps, and optional captured latents per step.
+
+    Returns the final latents and, per capture kind, the latents to decode as frames: for
+    ``latents`` the starting point and the state after every step (steps + 1 frames), for
+    ``x0`` the prediction made at every step.
+    """
     do_cfg = guidance > 1.0
-    context = torch.cat([uncond_embeds, text_embeds]) if do_cfg else text_embeds
+    context = torch.cat([cond.uncond, cond.text]) if do_cfg else cond.text
     extra = step_kwargs(scheduler, generators)
-    for t in scheduler.timesteps:
+    captured: dict[str, list[torch.Tensor]] = {kind: [] for kind in capture}
+    if "latents" in captured:
+        captured["latents"].append(viewable(scheduler, latents))
+    starts, ends = step_marks(scheduler, timesteps)
+    step = -1  # sampler steps started so far
+    for i, t in enumerate(timesteps):
+        step += starts[i]
         model_input = torch.cat([latents] * 2) if do_cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         with torch.no_grad():
@@ -92,8 +308,38 @@ def denoise(
         if do_cfg:
             noise_uncond, noise_text = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
+        if "x0" in captured and starts[i]:
+            captured["x0"].append(predicted_x0(scheduler, latents, noise_pred, t).detach().cpu())
+        if loss is not None and starts[i] and step % loss[0].every == 0:
+            # The notebook's "make it blue": noise_pred is held fixed, so the gradient flows
+            # through x0 = f(latents) and the VAE decoder only, never through the UNet.
+            grad = loss_gradient(components, scheduler, latents, noise_pred, t, *loss)
+            latents = latents.detach() - grad * guidance_step_size(scheduler, t)
         latents = scheduler.step(noise_pred, t, latents, **extra).prev_sample
-    return latents
+        if "latents" in captured and ends[i]:
+            captured["latents"].append(viewable(scheduler, latents))
+    return latents, captured
+
+
+def step_marks(scheduler: Any, timesteps: torch.Tensor) -> tuple[list[bool], list[bool]]:
+    """Which loop iterations start a sampler step, and which complete one.
+
+    Most samplers call the UNet once per step. Heun calls it twice (2N - 1 calls for N
+    steps; the last step is a plain Euler step), and PNDM calls it twice at its first
+    timestep. Captures and guidance losses count sampler steps, not UNet calls.
+    """
+    n = len(timesteps)
+    if scheduler.order == 2:
+        return [i % 2 == 0 for i in range(n)], [i % 2 == 1 or i == n - 1 for i in range(n)]
+    ts = timesteps.tolist()
+    return [i == 0 or ts[i] != ts[i - 1] for i in range(n)], [i == n - 1 or ts[i + 1] != ts[i] for i in range(n)]
+
+
+def viewable(scheduler: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the UNet sees them (sigma samplers scale them to unit variance), on the CPU."""
+    if is_sigma_scheduler(scheduler):
+        latents = latents / (current_sigma(scheduler) ** 2 + 1) ** 0.5
+    return latents.detach().cpu()
 
 
 def decode_latents(components: Components, latents: torch.Tensor, chunk: int = VAE_DECODE_CHUNK) -> np.ndarray:
@@ -109,38 +355,63 @@ def decode_latents(components: Components, latents: torch.Tensor, chunk: int = V
     return (np.concatenate(images) * 255).round().astype(np.uint8)
 
 
+def decode_frames(components: Components, steps: list[torch.Tensor], count: int, first: RenderTask) -> np.ndarray:
+    """Captured latents (one (N, 4, h, w) per step) -> frames (steps, N, H, W, 3); none when no step ran."""
+    if not steps:
+        return np.empty((0, count, first.height, first.width, 3), np.uint8)
+    pixels = decode_latents(components, torch.cat(steps).to(components.device))
+    return pixels.reshape(len(steps), count, first.height, first.width, 3)
+
+
 def check_batch(tasks: Sequence[RenderTask]) -> None:
     """Every task in a batch must share what the UNet batch shares."""
     if not tasks:
         raise ValueError("empty batch")
-    keys = {t.batch_key for t in tasks}
-    if len(keys) != 1:
-        raise ValueError(f"tasks in one batch differ in model/size/steps/scheduler/guidance: {sorted(keys)}")
+    differ = [name for name in BATCH_FIELDS if len({getattr(t, name) for t in tasks}) > 1]
+    if differ:
+        raise ValueError(f"tasks in one batch differ in {', '.join(differ)}")
 
 
-def render_batch(components: Components, tasks: Sequence[RenderTask]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Render tasks that share a batch key; returns uint8 images and the scheduler config used."""
+def render_batch(
+    components: Components,
+    tasks: Sequence[RenderTask],
+    init_images: Sequence[np.ndarray | None] | None = None,
+) -> RenderResult:
+    """Render tasks that share a batch key. ``init_images`` holds each img2img task's init image,
+    already fitted to the task size (``images.fit_image``), and None for the others.
+
+    Raises ``TaskInputError`` (before any denoising) for tasks whose inputs this model cannot use.
+    """
     # 1. Check inputs
     check_batch(tasks)
     first = tasks[0]
-    device = components.device
-    dtype = components.unet.dtype
+    init_images = list(init_images) if init_images is not None else [None] * len(tasks)
+    if len(init_images) != len(tasks):
+        raise ValueError("one init image (or None) per task")
+    loss_fn = resolve_loss(first.guidance_loss, len(tasks))
 
-    # 2. Encode prompts (each distinct prompt once)
-    embeds = encode_prompts(components, [t.prompt for t in tasks] + [t.negative_prompt for t in tasks])
-    text_embeds, uncond_embeds = embeds[: len(tasks)], embeds[len(tasks) :]
+    # 2. Encode prompts: mixes, token mixes, textual inversion; each distinct prompt once
+    cond = encode_conditioning(components, tasks)
 
-    # 3. Prepare timesteps
+    # 3. Prepare timesteps (img2img starts part way)
     scheduler = build_scheduler(first.scheduler, components.scheduler_config)
-    scheduler.set_timesteps(first.steps, device=device)
+    timesteps = prepare_timesteps(scheduler, first.steps, first.start_step, components.device)
 
-    # 4. Prepare latents: each image's own CPU-generator noise
+    # 4. Prepare latents: each image's own CPU-generator noise, variations, init images
     generators = [make_generator(t.seed) for t in tasks]
-    latents = prepare_latents(generators, first.width, first.height, device, dtype)
-    latents = latents * scheduler.init_noise_sigma
+    latents = prepare_latents(components, scheduler, timesteps, tasks, generators, init_images)
 
-    # 5. Denoise
-    latents = denoise(components, scheduler, latents, text_embeds, uncond_embeds, first.guidance, generators)
+    # 5. Denoise (with the guidance loss and step capture the batch asks for)
+    latents, captured = denoise(
+        components, scheduler, timesteps, latents, cond, first.guidance, generators, first.capture, loss_fn
+    )
 
-    # 6. Decode
-    return decode_latents(components, latents), scheduler_config(scheduler)
+    # 6. Decode (captured steps too, all frames in VAE-sized chunks)
+    frames = {kind: decode_frames(components, steps, len(tasks), first) for kind, steps in captured.items()}
+    return RenderResult(
+        images=decode_latents(components, latents),
+        scheduler_config=scheduler_config(scheduler),
+        prompt_tokens=cond.tokens,
+        prompt_truncated=cond.truncated,
+        frames=frames,
+    )

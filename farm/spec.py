@@ -22,13 +22,72 @@ from typing import Any
 
 import yaml
 
-from farm.models import PRESETS, is_known_model_ref
+from farm.models import PRESETS, file_sha256, is_known_model_ref
 
 # Names a job may use; render.py maps each to its diffusers class (a test keeps both in step).
 SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m")
-# Fields that must match for tasks to share one UNet batch, outermost first.
-BATCH_FIELDS = ("model", "width", "height", "steps", "scheduler", "guidance")
-TOP_LEVEL_FIELDS = ("name", "description", "model", "model_config", "scheduler", "defaults", "sweep", "zip")
+# The fields a task had before the steering techniques; the rest are omitted from the
+# canonical JSON when unused (RenderTask.canonical_json).
+CORE_FIELDS = ("model", "scheduler", "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")
+# Fields that must match for tasks to share one UNet batch, outermost first. The latter
+# ones change the loop itself (where it starts, extra gradient steps, captured frames) or
+# the text encoder's vocabulary and sequence length.
+BATCH_FIELDS = (
+    "model",
+    "width",
+    "height",
+    "steps",
+    "scheduler",
+    "guidance",
+    "start_step",
+    "guidance_loss",
+    "embeddings",
+    "capture",
+    "long_prompt",
+)
+TOP_LEVEL_FIELDS = (
+    "name",
+    "description",
+    "kind",
+    "model",
+    "model_config",
+    "scheduler",
+    "defaults",
+    "sweep",
+    "zip",
+    "perturb",
+)
+# grid: the sweep as written; perturb: one base seed x variation seeds x strengths;
+# trajectory: every step captured (README, "Steering").
+KINDS = ("grid", "perturb", "trajectory")
+CAPTURE_KINDS = ("latents", "x0")
+LONG_PROMPT_MODES = ("truncate", "chunk")
+MIX_MODES = ("sum", "slerp")
+# diffusers' img2img default strength, used when a task has an init image and neither
+# strength nor start_step.
+DEFAULT_STRENGTH = 0.8
+# Beyond 10 the base noise is under 10% of the mix: a new image, not a perturbation.
+MAX_PERTURB_SCALE = 10.0
+# The notebook's "make it blue" numbers: loss scale 200, a guidance step every 10 steps.
+DEFAULT_LOSS_SCALE = 200.0
+DEFAULT_LOSS_EVERY = 10
+# Fields tied together by check_task_fields, and how many of their combinations to check
+# one by one (beyond that, each axis against the defaults).
+CROSS_FIELDS = {
+    "variation_seed",
+    "variation_strength",
+    "perturb_scale",
+    "init_image",
+    "strength",
+    "start_step",
+    "steps",
+    "prompt",
+    "mix",
+    "mix_mode",
+    "token_mix",
+}
+MAX_CHECKED_COMBINATIONS = 100_000
+CUSTOM_LOSS = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # Torch seeds are 64-bit, but A1111 and most tools use 32-bit seeds; staying in that range
 # keeps farm's seeds portable to them.
 MAX_SEED = 2**32 - 1
@@ -46,6 +105,42 @@ class SpecError(Exception):
 
 
 @dataclass(frozen=True)
+class MixPart:
+    """One prompt of an embedding mix and its weight."""
+
+    prompt: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class TokenMix:
+    """Blend the token embedding of ``token`` with that of ``other`` wherever ``token`` occurs."""
+
+    token: str
+    other: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A textual-inversion file; ``token`` None means the name stored in the file (or its stem)."""
+
+    path: str
+    sha256: str
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class GuidanceLoss:
+    """An extra loss on the decoded predicted x0, its gradient applied to the latents every ``every`` steps."""
+
+    name: str  # "color" or "module:function"
+    target: tuple[float | None, ...] = ()
+    scale: float = 200.0
+    every: int = 10
+
+
+@dataclass(frozen=True)
 class RenderTask:
     """One image to render: every input resolved, nothing left to a default."""
 
@@ -58,6 +153,21 @@ class RenderTask:
     guidance: float
     width: int
     height: int
+    # Steering techniques (README, "Steering"); each default means "not used".
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
+    perturb_scale: float = 0.0
+    init_image: str | None = None
+    init_image_sha256: str | None = None
+    strength: float | None = None
+    start_step: int = 0
+    mix: tuple[MixPart, ...] = ()
+    mix_mode: str = "sum"
+    token_mix: tuple[TokenMix, ...] = ()
+    embeddings: tuple[Embedding, ...] = ()
+    guidance_loss: GuidanceLoss | None = None
+    capture: tuple[str, ...] = ()
+    long_prompt: str = "truncate"
 
     @cached_property
     def task_id(self) -> str:
@@ -65,10 +175,53 @@ class RenderTask:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:20]
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        """The task as JSON; technique fields left at their defaults are omitted, so a plain
+        task keeps the id it had before those techniques existed."""
+        data = self.to_dict()
+        for f in dataclasses.fields(self)[len(CORE_FIELDS) :]:
+            if getattr(self, f.name) == f.default:
+                del data[f.name]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RenderTask:
+        """Rebuild a task from ``to_dict`` or canonical JSON (a manifest row's ``task_json``)."""
+        fields = dict(data)
+        fields["mix"] = tuple(MixPart(**m) for m in fields.get("mix", ()))
+        fields["token_mix"] = tuple(TokenMix(**m) for m in fields.get("token_mix", ()))
+        fields["embeddings"] = tuple(Embedding(**e) for e in fields.get("embeddings", ()))
+        fields["capture"] = tuple(fields.get("capture", ()))
+        loss = fields.get("guidance_loss")
+        if loss is not None:
+            fields["guidance_loss"] = GuidanceLoss(**{**loss, "target": tuple(loss.get("target", ()))})
+        return cls(**fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> RenderTask:
+        return cls.from_dict(json.loads(text))
+
+    def techniques(self) -> str:
+        """The steering techniques this task uses, in a few words (for --dry-run)."""
+        parts = []
+        if self.variation_seed is not None:
+            amount = f"scale {self.perturb_scale:g}" if self.perturb_scale else f"{self.variation_strength:g}"
+            parts.append(f"variation {self.variation_seed} at {amount}")
+        if self.init_image:
+            parts.append(f"img2img {Path(self.init_image).name} from step {self.start_step}")
+        if self.mix:
+            parts.append(f"{self.mix_mode} of " + " + ".join(f"{m.weight:g} x {m.prompt!r}" for m in self.mix))
+        parts += [f"{m.token} ~ {m.other} at {m.weight:g}" for m in self.token_mix]
+        parts += [f"embedding {Path(e.path).name}" for e in self.embeddings]
+        if self.guidance_loss:
+            parts.append(f"loss {self.guidance_loss.name} every {self.guidance_loss.every}")
+        if self.capture:
+            parts.append(f"capture {'+'.join(self.capture)}")
+        if self.long_prompt != "truncate":
+            parts.append(f"long prompt {self.long_prompt}")
+        return ", ".join(parts)
 
     @property
     def batch_key(self) -> tuple:
@@ -76,7 +229,8 @@ class RenderTask:
 
 
 TASK_FIELDS = tuple(f.name for f in dataclasses.fields(RenderTask))
-INT_FIELDS = ("seed", "steps", "width", "height")
+INT_FIELDS = ("seed", "steps", "width", "height", "variation_seed", "start_step")
+SEED_FIELDS = ("seed", "variation_seed")
 
 
 @dataclass(frozen=True)
@@ -97,6 +251,9 @@ class JobSpec:
     model_config: str | None = None
     description: str = ""
     source: str = field(default="", repr=False)
+    kind: str = "grid"
+    # sha256 of every init image the job names (path -> hash), taken when the job is read.
+    hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def count(self) -> int:
         """The number of tasks, without expanding them."""
@@ -108,11 +265,33 @@ class JobSpec:
         for index, combo in enumerate(itertools.product(*(values for _, values in self.axes))):
             fields = dict(self.defaults)
             fields.update(zip(names, itertools.chain.from_iterable(combo), strict=True))
-            if fields["seed"] == "random":
-                fields["seed"] = random_seed(random_base, f"task:{index}")
-            elif isinstance(fields["seed"], RandomSlot):
-                fields["seed"] = random_seed(random_base, fields["seed"].slot)
+            for name in SEED_FIELDS:
+                if fields[name] == "random":
+                    # The plain seed keeps its original slot so existing runs draw the same seeds.
+                    fields[name] = random_seed(random_base, f"task:{index}" + ("" if name == "seed" else f":{name}"))
+                elif isinstance(fields[name], RandomSlot):
+                    fields[name] = random_seed(random_base, fields[name].slot)
+            resolve_img2img(fields, self.hashes)
             yield RenderTask(**fields)
+
+
+def resolve_img2img(fields: dict[str, Any], hashes: dict[str, str]) -> None:
+    """Fill in the init image's hash, and both ``strength`` and ``start_step`` (both are recorded).
+
+    ``strength`` follows diffusers: int(steps x strength) steps run, so the loop starts at
+    ``steps - int(steps x strength)``; ``start_step`` is the notebook's "start at step 10 of 50".
+    """
+    if fields["init_image"] is None:
+        fields["start_step"] = 0
+        return
+    fields["init_image_sha256"] = hashes[fields["init_image"]]
+    steps = fields["steps"]
+    if fields["start_step"] is None:
+        if fields["strength"] is None:
+            fields["strength"] = DEFAULT_STRENGTH
+        fields["start_step"] = steps - min(int(steps * fields["strength"]), steps)
+    else:
+        fields["strength"] = (steps - fields["start_step"]) / steps
 
 
 @dataclass(frozen=True)
@@ -142,11 +321,11 @@ def load_job(path: str | Path) -> JobSpec:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from exc
-    return parse_job(text, default_name=path.stem, where=str(path))
+    return parse_job(text, default_name=path.stem, where=str(path), base_dir=path.parent)
 
 
-def parse_job(text: str, default_name: str = "job", where: str = "job") -> JobSpec:
-    """Parse job YAML text into a ``JobSpec``."""
+def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir: Path | None = None) -> JobSpec:
+    """Parse job YAML text into a ``JobSpec``; relative file paths are relative to ``base_dir`` (the job's folder)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -164,12 +343,23 @@ def parse_job(text: str, default_name: str = "job", where: str = "job") -> JobSp
         source = "" if "name" in data else f" (none given, and the file name {default_name!r} cannot serve)"
         raise SpecError(f"name: expected letters, digits, '_', '-' or '.' (it names the output folder){source}")
 
+    kind = data.get("kind", "grid")
+    if kind not in KINDS:
+        raise SpecError(f"kind: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if "perturb" in data and kind != "perturb":
+        raise SpecError("perturb: only for kind: perturb")
     defaults = _parse_defaults(data)
     axes = _parse_sweep(_or_empty(data, "sweep", {}), "sweep") + _parse_zip(_or_empty(data, "zip", []))
+    if kind == "perturb":
+        axes += _parse_perturb(data.get("perturb"), axes)
+    if kind == "trajectory" and "capture" not in defaults_given(data) and not _swept(axes, "capture"):
+        defaults["capture"] = CAPTURE_KINDS
     names = [n for axis_names, _ in axes for n in axis_names]
     repeated = {n for n in names if names.count(n) > 1}
     if repeated:
         raise SpecError(f"sweep.{sorted(repeated)[0]}: swept twice (in sweep and zip, or twice in zip)")
+    hashes = _resolve_files(defaults, axes, base_dir or Path.cwd())
+    check_combinations(defaults, axes)
     model_config = data.get("model_config")
     if model_config is not None and not isinstance(model_config, str):
         raise SpecError("model_config: expected a path to a diffusers folder")
@@ -183,7 +373,120 @@ def parse_job(text: str, default_name: str = "job", where: str = "job") -> JobSp
         model_config=model_config,
         description=description,
         source=text,
+        kind=kind,
+        hashes=hashes,
     )
+
+
+def defaults_given(data: dict[str, Any]) -> dict[str, Any]:
+    given = data.get("defaults")
+    return given if isinstance(given, dict) else {}
+
+
+def _swept(axes: list, name: str) -> bool:
+    return any(name in axis_names for axis_names, _ in axes)
+
+
+def _parse_perturb(section: Any, axes: list) -> list:
+    """``kind: perturb``: one base seed, N variation seeds x a list of strengths."""
+    if not isinstance(section, dict):
+        raise SpecError("perturb: expected a mapping with seeds, strengths and optionally mode (slerp or scale)")
+    unknown = [k for k in section if k not in ("seeds", "strengths", "mode")]
+    if unknown:
+        raise SpecError(f"perturb.{unknown[0]}: unknown field; expected seeds, strengths, mode")
+    for name in ("seed", "variation_seed", "variation_strength", "perturb_scale"):
+        if _swept(axes, name):
+            raise SpecError(f"sweep.{name}: a perturb job has one base seed and sweeps variations in perturb:")
+    mode = section.get("mode", "slerp")
+    if mode not in ("slerp", "scale"):
+        raise SpecError(f"perturb.mode: expected slerp or scale, got {mode!r}")
+    if "seeds" not in section or "strengths" not in section:
+        raise SpecError("perturb: needs seeds (a list, {range: ...} or {random: N}) and strengths (a list)")
+    strength_field = "variation_strength" if mode == "slerp" else "perturb_scale"
+    seeds = sweep_values("variation_seed", section["seeds"], "perturb.seeds")
+    strengths = sweep_values(strength_field, section["strengths"], "perturb.strengths")
+    return [(("variation_seed",), tuple((v,) for v in seeds)), ((strength_field,), tuple((v,) for v in strengths))]
+
+
+def _resolve_files(defaults: dict[str, Any], axes: list, base_dir: Path) -> dict[str, str]:
+    """Make init image and embedding paths absolute, check they exist, and hash them."""
+    hashes: dict[str, str] = {}
+
+    def resolve(path: str, where: str) -> str:
+        full = Path(path).expanduser()
+        full = full if full.is_absolute() else base_dir / full
+        try:
+            if not full.is_file():
+                raise SpecError(f"{where}: no such file: {path}")
+            resolved = str(full.resolve())
+            if resolved not in hashes:
+                hashes[resolved] = file_sha256(resolved)
+        except OSError as exc:
+            raise SpecError(f"{where}: cannot read {path} ({exc.strerror or exc})") from exc
+        return resolved
+
+    def fix(key: str, value: Any, where: str) -> Any:
+        if key == "init_image" and value is not None:
+            return resolve(value, where)
+        if key == "embeddings":
+            out = []
+            for i, e in enumerate(value):
+                path = resolve(e.path, f"{where}[{i}]")
+                out.append(Embedding(path=path, sha256=hashes[path], token=e.token))
+            return tuple(out)
+        return value
+
+    for key in ("init_image", "embeddings"):
+        defaults[key] = fix(key, defaults[key], f"defaults.{key}")
+    for i, (names, rows) in enumerate(axes):
+        if "init_image" in names or "embeddings" in names:
+            fixed = tuple(
+                tuple(fix(n, v, f"sweep.{n}[{j}]") for n, v in zip(names, row, strict=True))
+                for j, row in enumerate(rows)
+            )
+            axes[i] = (names, fixed)
+    return hashes
+
+
+def check_combinations(defaults: dict[str, Any], axes: list) -> None:
+    """Checks across fields, on every combination of the values of the fields involved.
+
+    Only the axes holding those fields are multiplied out (usually none or one, so this is
+    cheap); past MAX_CHECKED_COMBINATIONS each such axis is checked against the defaults alone.
+    """
+    relevant = [(names, rows) for names, rows in axes if CROSS_FIELDS & set(names)]
+    groups = [relevant]
+    if math.prod(len(rows) for _, rows in relevant) > MAX_CHECKED_COMBINATIONS:
+        groups = [[axis] for axis in relevant]
+    for group in groups:
+        names = [n for axis_names, _ in group for n in axis_names]
+        for combo in itertools.product(*(rows for _, rows in group)):
+            fields = dict(defaults)
+            fields.update(zip(names, itertools.chain.from_iterable(combo), strict=True))
+            check_task_fields(fields)
+
+
+def check_task_fields(f: dict[str, Any]) -> None:
+    """The rules that tie one task's technique fields together."""
+    if (f["variation_strength"] or f["perturb_scale"]) and f["variation_seed"] is None:
+        name = "variation_strength" if f["variation_strength"] else "perturb_scale"
+        raise SpecError(f"{name}: needs a variation_seed (the seed whose noise is blended in)")
+    if f["variation_strength"] and f["perturb_scale"]:
+        raise SpecError("perturb_scale: use variation_strength (slerp) or perturb_scale (scale), not both")
+    if f["strength"] is not None and f["start_step"] is not None:
+        raise SpecError("start_step: give strength or start_step, not both")
+    for name in ("strength", "start_step"):
+        if f[name] is not None and f["init_image"] is None:
+            raise SpecError(f"{name}: needs an init_image")
+    if f["start_step"] is not None and f["start_step"] > f["steps"]:
+        raise SpecError(f"start_step: {f['start_step']} is past the last step (steps: {f['steps']})")
+    if f["mix"]:
+        if f["prompt"]:
+            raise SpecError("mix: replaces prompt; leave prompt empty when mixing")
+        if f["token_mix"]:
+            raise SpecError("token_mix: applies to prompt; it cannot be combined with mix")
+        if f["mix_mode"] == "slerp" and len(f["mix"]) != 2:
+            raise SpecError("mix_mode: slerp blends exactly two prompts; give mix two entries")
 
 
 DEFAULTS: dict[str, Any] = {
@@ -196,7 +499,12 @@ DEFAULTS: dict[str, Any] = {
     "guidance": 7.5,
     "width": 512,
     "height": 512,
+    **{f.name: f.default for f in dataclasses.fields(RenderTask) if f.name not in CORE_FIELDS},
+    # None until resolve_img2img: "not given", so strength's default can apply.
+    "start_step": None,
 }
+# Filled in from the file when the job is read, never written by the user.
+DERIVED_FIELDS = ("init_image_sha256",)
 
 
 def _parse_defaults(data: dict[str, Any]) -> dict[str, Any]:
@@ -208,6 +516,8 @@ def _parse_defaults(data: dict[str, Any]) -> dict[str, Any]:
         if key in data:
             fields[key] = check_value(key, data[key], key)
     for key, value in defaults_in.items():
+        if key in DERIVED_FIELDS:
+            raise SpecError(f"defaults.{key}: computed from the file; leave it out")
         if key not in TASK_FIELDS:
             raise SpecError(f"defaults.{key}: unknown task field; expected one of {', '.join(TASK_FIELDS)}")
         if key in ("model", "scheduler") and key in data:
@@ -275,7 +585,7 @@ def _order_axes(axes: list) -> list:
 
 def sweep_values(key: str, spec: Any, where: str, unique: bool = True) -> list[Any]:
     """A sweep axis: a list, ``{range: [start, stop, step]}``, ``{linspace: [a, b, n]}`` or ``{random: n}``."""
-    if key not in TASK_FIELDS:
+    if key not in TASK_FIELDS or key in DERIVED_FIELDS:
         raise SpecError(f"{where}: unknown task field; expected one of {', '.join(TASK_FIELDS)}")
     if isinstance(spec, list):
         if not spec:
@@ -288,7 +598,7 @@ def sweep_values(key: str, spec: Any, where: str, unique: bool = True) -> list[A
         raise SpecError(f"{where}: expected a list, {{range: [start, stop, step]}}, or {{linspace: [a, b, n]}}")
     out = []
     for i, value in enumerate(values):
-        if key == "seed" and value == "random":
+        if key in SEED_FIELDS and value == "random":
             out.append(RandomSlot(f"{where}[{i}]"))
         else:
             out.append(check_value(key, value, f"{where}[{i}]"))
@@ -318,12 +628,12 @@ def _generated_values(key: str, form: str, args: Any, where: str) -> list[Any]:
             )
         a, b, n = args
         return [_tidy(a + (b - a) * i / (n - 1)) if n > 1 else a for i in range(n)]
-    if form == "random" and key == "seed":
+    if form == "random" and key in SEED_FIELDS:
         if not isinstance(args, int) or isinstance(args, bool) or not 1 <= args <= MAX_AXIS_VALUES:
             raise SpecError(f"{where}.random: expected a whole number of seeds from 1 to {MAX_AXIS_VALUES}")
         return ["random"] * args
     raise SpecError(
-        f"{where}: unknown form {form!r}; expected range, linspace" + (" or random" if key == "seed" else "")
+        f"{where}: unknown form {form!r}; expected range, linspace" + (" or random" if key in SEED_FIELDS else "")
     )
 
 
@@ -373,7 +683,143 @@ def check_value(key: str, value: Any, where: str) -> Any:
                 "a diffusers folder, a .safetensors file or a hub id (org/name)"
             )
         return value
+    return check_technique(key, value, where)
+
+
+def check_technique(key: str, value: Any, where: str) -> Any:
+    """Validate one value of a steering-technique field (README, "Steering")."""
+    if key == "variation_seed":
+        if value is None or value == "random":
+            return value
+        return check_value("seed", value, where)
+    if key in ("variation_strength", "strength"):
+        if key == "strength" and value is None:
+            return None
+        return _number(value, where, 0.0, 1.0)
+    if key == "perturb_scale":
+        return _number(value, where, 0.0, MAX_PERTURB_SCALE)
+    if key == "start_step":
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_STEPS:
+            raise SpecError(f"{where}: expected a whole step number from 0 to the task's steps, got {value!r}")
+        return value
+    if key == "init_image":
+        if value is not None and (not isinstance(value, str) or not value):
+            raise SpecError(f"{where}: expected a path to an image file")
+        return value
+    if key in ("mix_mode", "long_prompt"):
+        choices = MIX_MODES if key == "mix_mode" else LONG_PROMPT_MODES
+        if value not in choices:
+            raise SpecError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    if key == "mix":
+        return tuple(
+            _parse_mix_part(part, f"{where}[{i}]")
+            for i, part in enumerate(_list(value, where, "entries", allow_empty=True))
+        )
+    if key == "token_mix":
+        if isinstance(value, dict):
+            return (_parse_token_mix(value, where),)
+        items = _list(value, where, "mappings", allow_empty=True)
+        return tuple(_parse_token_mix(item, f"{where}[{i}]") for i, item in enumerate(items))
+    if key == "embeddings":
+        return tuple(
+            _parse_embedding(e, f"{where}[{i}]") for i, e in enumerate(_list(value, where, "paths", allow_empty=True))
+        )
+    if key == "guidance_loss":
+        return None if value is None else _parse_loss(value, where)
+    if key == "capture":
+        kinds = [value] if isinstance(value, str) else _list(value, where, "kinds", allow_empty=True)
+        for i, kind in enumerate(kinds):
+            if kind not in CAPTURE_KINDS:
+                raise SpecError(f"{where}[{i}]: expected one of {', '.join(CAPTURE_KINDS)}, got {kind!r}")
+        if len(set(kinds)) != len(kinds):
+            raise SpecError(f"{where}: each kind once")
+        return tuple(kinds)
     raise SpecError(f"{where}: unknown task field")  # pragma: no cover - guarded by callers
+
+
+def _number(value: Any, where: str, low: float, high: float) -> float:
+    if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
+        raise SpecError(f"{where}: expected a number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
+
+
+def _list(value: Any, where: str, what: str, allow_empty: bool = False) -> list[Any]:
+    if value is None and allow_empty:
+        return []
+    if not isinstance(value, list) or (not value and not allow_empty):
+        raise SpecError(f"{where}: expected a list of {what}")
+    return value
+
+
+def _mapping(value: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: expected a mapping with {', '.join(allowed)}")
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]}: unknown field; expected {', '.join(allowed)}")
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise SpecError(f"{where}.{missing[0]}: missing")
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{where}: expected text, got {_kind(value)}")
+    return value
+
+
+def _parse_mix_part(value: Any, where: str) -> MixPart:
+    part = _mapping(value, where, ("prompt", "weight"), ("prompt", "weight"))
+    if not isinstance(part["prompt"], str):
+        raise SpecError(f"{where}.prompt: expected text, got {_kind(part['prompt'])}")
+    return MixPart(prompt=part["prompt"], weight=_number(part["weight"], f"{where}.weight", -10.0, 10.0))
+
+
+def _parse_token_mix(value: Any, where: str) -> TokenMix:
+    item = _mapping(value, where, ("token", "with", "weight"), ("token", "with"))
+    return TokenMix(
+        token=_text(item["token"], f"{where}.token"),
+        other=_text(item["with"], f"{where}.with"),
+        weight=_number(item.get("weight", 0.5), f"{where}.weight", -10.0, 10.0),
+    )
+
+
+def _parse_embedding(value: Any, where: str) -> Embedding:
+    """A path, or {path, token}; the path is made absolute and hashed by _resolve_files."""
+    if isinstance(value, str):
+        return Embedding(path=_text(value, where), sha256="")
+    item = _mapping(value, where, ("path", "token"), ("path",))
+    token = item.get("token")
+    return Embedding(
+        path=_text(item["path"], f"{where}.path"),
+        sha256="",
+        token=None if token is None else _text(token, f"{where}.token"),
+    )
+
+
+def _parse_loss(value: Any, where: str) -> GuidanceLoss:
+    loss = _mapping(value, where, ("name", "target", "scale", "every"), ("name",))
+    name = loss["name"]
+    if name != "color" and (not isinstance(name, str) or not CUSTOM_LOSS.match(name)):
+        raise SpecError(f"{where}.name: expected color or module:function, got {name!r}")
+    target = loss.get("target", [])
+    if not isinstance(target, list) or not all(t is None or (_is_number(t) and math.isfinite(t)) for t in target):
+        raise SpecError(f"{where}.target: expected a list of numbers (null to leave a channel free)")
+    if name == "color" and (
+        len(target) != 3 or all(t is None for t in target) or any(t is not None and not 0 <= t <= 1 for t in target)
+    ):
+        raise SpecError(f"{where}.target: expected [red, green, blue], each from 0 to 1 or null, at least one number")
+    every = loss.get("every", DEFAULT_LOSS_EVERY)
+    if not isinstance(every, int) or isinstance(every, bool) or not 1 <= every <= MAX_STEPS:
+        raise SpecError(f"{where}.every: expected a whole number of steps from 1 to {MAX_STEPS}, got {every!r}")
+    return GuidanceLoss(
+        name=name,
+        target=tuple(None if t is None else float(t) for t in target),
+        scale=_number(loss.get("scale", DEFAULT_LOSS_SCALE), f"{where}.scale", 0.0, 1e6),
+        every=every,
+    )
 
 
 def _kind(value: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -71,7 +72,7 @@ def test_a1111_parameters_chunk():
     from farm.images import encode_png, read_png_metadata
 
     task = RenderTask("tiny", "euler_a", "a cat", "blurry", 42, 20, 7.5, 64, 48)
-    meta = {"task": task.to_dict(), "task_id": task.task_id, "model_hash": "abcdef0123456789"}
+    meta = {"task": json.loads(task.canonical_json()), "task_id": task.task_id, "model_hash": "abcdef0123456789"}
     data = encode_png(np.zeros((48, 64, 3), np.uint8), meta)
     with Image.open(io.BytesIO(data)) as image:
         text = image.text["parameters"]
@@ -82,3 +83,13 @@ def test_a1111_parameters_chunk():
         "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x48, Model hash: abcdef0123, Model: tiny",
     ]
     assert read_png_metadata(data) == meta
+
+
+def test_a1111_parameters_name_variation_and_denoising_strength():
+    from farm.images import a1111_parameters
+
+    task = RenderTask(
+        "tiny", "euler", "a dog", "", 1, 20, 7.5, 64, 64, variation_seed=9, variation_strength=0.25, strength=0.5
+    )
+    line = a1111_parameters({"task": json.loads(task.canonical_json())}).splitlines()[-1]
+    assert line.endswith("Variation seed: 9, Variation seed strength: 0.25, Denoising strength: 0.5")

@@ -106,8 +106,10 @@ def test_single_file_loads_the_same_weights(single_file_components: Components, 
 
 def test_single_file_renders_identical_bytes(single_file_components: Components, tiny_components: Components) -> None:
     tasks = [RenderTask("tiny", "euler", "a cat", "", 1, 4, 7.5, 64, 64)]
-    from_file, file_scheduler = render_batch(single_file_components, tasks)
-    from_folder, folder_scheduler = render_batch(tiny_components, tasks)
+    file_result = render_batch(single_file_components, tasks)
+    folder_result = render_batch(tiny_components, tasks)
+    from_file, file_scheduler = file_result.images, file_result.scheduler_config
+    from_folder, folder_scheduler = folder_result.images, folder_result.scheduler_config
     assert from_file.shape == (1, 64, 64, 3)
     assert from_file.tobytes() == from_folder.tobytes()
     assert file_scheduler == folder_scheduler

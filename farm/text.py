@@ -1,0 +1,346 @@
+"""The text side of the render core: prompts -> text embeddings for the UNet. No Ray, no files written.
+
+Every prompt takes one path: token ids -> token embeddings (the model's table, extended by any
+textual-inversion vectors) -> optional token mixing (the notebook's puppy + skunk) -> the rest of
+the CLIP text transformer (position embeddings, causal encoder, final layer norm). Each distinct
+prompt is encoded alone, so its embedding never depends on which other prompts share a batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from farm.models import Components, file_sha256
+from farm.spec import LONG_PROMPT_MODES, Embedding, TokenMix
+
+# Distinct prompts one encoder keeps: an actor may live through a sweep of thousands of prompts,
+# and each embedding (77 x 768 in fp16, ~118 KB per chunk) sits on the GPU while cached.
+CACHE_SIZE = 256
+# .bin and .pt are pickles, read only through torch.load(weights_only=True); other suffixes
+# (A1111's embeddings hidden in .png files, say) are not supported.
+EMBEDDING_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+class PromptError(ValueError):
+    """A prompt, token mix or embedding this model cannot use; the message names the field."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields with == has no single truth value
+class EncodedPrompt:
+    """One prompt's text embeddings; shared through the cache, so treat ``embeds`` as read-only."""
+
+    embeds: torch.Tensor  # (1, 77 * chunks, d) on the components' device, in the text encoder's dtype
+    tokens: int  # the prompt's token count without BOS/EOS, after textual-inversion expansion
+    truncated: bool  # True when truncate mode dropped tokens
+
+
+# ---------------------------------------------------------------------------------------
+# Textual-inversion files
+
+
+def load_embedding_file(path: str, token: str | None = None) -> tuple[str, torch.Tensor]:
+    """Read a textual-inversion file (diffusers or A1111) -> (trigger token, vectors (n, d) float32 on CPU)."""
+    found_token, vectors = find_vectors(read_embedding_file(path), path)
+    return token or found_token or Path(path).stem, as_vector_rows(vectors, path)
+
+
+def read_embedding_file(path: str) -> Any:
+    """The file's contents: a dict of tensors (or a bare tensor), read without running code."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in EMBEDDING_SUFFIXES:
+        raise PromptError(f"{path}: expected a textual-inversion file ending in {', '.join(EMBEDDING_SUFFIXES)}")
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:  # OSError, SafetensorError, ...: the user needs one line either way
+            raise PromptError(f"{path}: cannot read as safetensors ({exc})") from exc
+    try:
+        # A pickle may hold any object, and unpickling it can run code; weights_only admits only
+        # tensors and plain containers (DESIGN.md: the safety contract for textual-inversion .bin files).
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch words every failure "Weights only load failed"; a refused object names a GLOBAL or
+        # the allowlist (add_safe_globals), while a corrupt file fails on an unknown opcode.
+        refused = re.search(r"GLOBAL (\S+)|add_safe_globals", str(exc))
+        if refused:
+            what = f" ({refused.group(1)})" if refused.group(1) else ""
+            raise PromptError(
+                f"{path}: refused: the pickle holds a Python object{what} beyond tensors, and loading it "
+                "could run code; convert the embedding to .safetensors"
+            ) from exc
+        raise PromptError(f"{path}: cannot read: not a valid torch.save file") from exc
+    except Exception as exc:  # a corrupt file raises RuntimeError, EOFError, OSError, ... from torch.load
+        raise PromptError(f"{path}: cannot read ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def find_vectors(state: Any, path: str) -> tuple[str | None, Any]:
+    """The (stored token name, vectors) of a loaded file, in any of the formats in use."""
+    if isinstance(state, torch.Tensor):  # a bare tensor saved with torch.save: no name stored
+        return None, state
+    if not isinstance(state, dict):
+        raise PromptError(f"{path}: holds a {type(state).__name__}, not a textual-inversion embedding")
+    if "string_to_param" in state:  # A1111 .pt: {'string_to_param': {'*': (n, d)}, 'name': ...}
+        params = state["string_to_param"]
+        if not isinstance(params, dict) or "*" not in params:
+            raise PromptError(f"{path}: 'string_to_param' has no '*' entry (an A1111 embedding has one)")
+        name = state.get("name")
+        return (name if isinstance(name, str) and name else None), params["*"]
+    if "emb_params" in state:  # A1111 .safetensors: no name stored, the file stem serves
+        return None, state["emb_params"]
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise PromptError(f"{path}: holds no tensors; not a textual-inversion embedding")
+    if len(tensors) > 1:
+        keys = ", ".join(sorted(map(str, tensors))[:4])
+        raise PromptError(
+            f"{path}: holds {len(tensors)} tensors ({keys}); expected one (diffusers), "
+            "or 'string_to_param' / 'emb_params' (A1111)"
+        )
+    ((name, vectors),) = tensors.items()  # diffusers: {token: vectors}
+    return str(name), vectors
+
+
+def as_vector_rows(vectors: Any, path: str) -> torch.Tensor:
+    """Vectors as a float32 CPU tensor (n, d); a single vector (d,) becomes (1, d)."""
+    if not isinstance(vectors, torch.Tensor):
+        raise PromptError(f"{path}: the embedding is a {type(vectors).__name__}, not a tensor")
+    rows = vectors.detach().to("cpu", torch.float32)
+    if rows.ndim == 1:
+        rows = rows.unsqueeze(0)
+    if rows.ndim != 2 or 0 in rows.shape:
+        raise PromptError(f"{path}: vectors of shape {tuple(vectors.shape)}; expected (d,) or (n, d)")
+    if not torch.isfinite(rows).all():
+        raise PromptError(f"{path}: the vectors hold NaN or infinite values")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# The text transformer after the token-embedding lookup
+
+
+def run_text_transformer(text_encoder: Any, token_embeds: torch.Tensor) -> torch.Tensor:
+    """CLIPTextModel's forward from token embeddings (k, L, d) on -> last hidden state (k, L, d).
+
+    transformers 5 ``CLIPTextModel.forward`` accepts only ``input_ids``, so this repeats its steps
+    with its own submodules and mask helper: position embeddings, the encoder under a causal mask,
+    the final layer norm. A test holds it equal to ``text_encoder(input_ids)[0]``.
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    hidden = text_encoder.embeddings(inputs_embeds=token_embeds)
+    mask = create_causal_mask(
+        config=text_encoder.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
+    )
+    out = text_encoder.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True)
+    return text_encoder.final_layer_norm(out.last_hidden_state)
+
+
+# ---------------------------------------------------------------------------------------
+# The encoder
+
+
+class PromptEncoder:
+    """Encodes prompts for one model plus its own textual-inversion tokens; caches each distinct prompt."""
+
+    def __init__(
+        self, components: Components, embeddings: Sequence[Embedding] = (), long_prompt: str = "truncate"
+    ) -> None:
+        if long_prompt not in LONG_PROMPT_MODES:
+            modes = ", ".join(LONG_PROMPT_MODES)
+            raise PromptError(f"long_prompt: unknown mode {long_prompt!r}; expected one of {modes}")
+        self.components = components
+        self.long_prompt = long_prompt
+        self.text_encoder = components.text_encoder
+        self.token_embedding = self.text_encoder.embeddings.token_embedding
+        # The shared tokenizer serves every other batch; only a copy learns this encoder's tokens.
+        self.tokenizer = copy.deepcopy(components.tokenizer) if embeddings else components.tokenizer
+        # Ids from here on are textual-inversion tokens, looked up in `extra` rather than the model's
+        # table: extending a copy of the table would duplicate ~76 MB (49408 x 768 fp16) per encoder.
+        self.first_new_id = len(components.tokenizer)
+        weight = self.token_embedding.weight
+        self.extra = weight.new_empty((0, weight.shape[1]))
+        self.expansions: dict[int, list[int]] = {}  # multi-vector trigger id -> the ids of all its vectors
+        self.max_length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        self.cache: OrderedDict[tuple[str, tuple[TokenMix, ...]], EncodedPrompt] = OrderedDict()
+        for index, embedding in enumerate(embeddings):
+            self.add_embedding(embedding, f"embeddings[{index}]")
+
+    # -- textual inversion
+
+    def add_embedding(self, embedding: Embedding, where: str) -> None:
+        """Load one textual-inversion file and teach its token(s) to this encoder's tokenizer copy."""
+        try:
+            check_sha256(embedding)
+            token, vectors = load_embedding_file(embedding.path, embedding.token)
+        except PromptError as exc:
+            raise PromptError(f"{where}: {exc}") from exc
+        count, size = vectors.shape
+        needed = self.extra.shape[1]
+        if size != needed:
+            raise PromptError(
+                f"{where}: {embedding.path} holds vectors of size {size}; this model's text encoder needs {needed}"
+            )
+        # diffusers' naming, so prompts written for diffusers work: token, token_1, ..., token_{n-1}.
+        names = [token] + [f"{token}_{i}" for i in range(1, count)]
+        for name in names:
+            self.check_new_token(name, where)
+        self.tokenizer.add_tokens(names)
+        ids = self.tokenizer.convert_tokens_to_ids(names)
+        start = self.first_new_id + self.extra.shape[0]
+        if ids != list(range(start, start + count)):  # the id -> row arithmetic in `lookup` relies on this
+            raise RuntimeError(f"{where}: tokenizer gave ids {ids} to new tokens; expected {start}..")
+        self.extra = torch.cat([self.extra, vectors.to(self.extra)])
+        if count > 1:
+            self.expansions[ids[0]] = ids
+
+    def check_new_token(self, name: str, where: str) -> None:
+        """A trigger must be one word the tokenizer does not already read as a single token."""
+        if not name or any(c.isspace() for c in name):
+            raise PromptError(f"{where}: token {name!r}: expected one word without spaces")
+        if len(self.token_ids(name)) == 1:
+            raise PromptError(
+                f"{where}: token {name!r} is already a single token for this model's tokenizer; "
+                f"choose a trigger it does not know, such as '<{name}>'"
+            )
+
+    # -- tokens
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids without BOS/EOS, nothing dropped; multi-vector triggers not yet expanded."""
+        # verbose=False: a long prompt is no error here (truncate or chunk handle it), so no length warning.
+        return self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The prompt's token ids, each multi-vector trigger expanded to all its vectors' ids."""
+        ids = self.token_ids(text)
+        if not self.expansions:
+            return ids
+        return [j for i in ids for j in self.expansions.get(i, (i,))]
+
+    def sequences(self, ids: list[int]) -> tuple[list[list[int]], bool]:
+        """Ids -> rows of ``max_length`` (BOS ... EOS, padded as the tokenizer pads); and whether any were dropped."""
+        body = self.max_length - 2  # room left by BOS and EOS
+        if self.long_prompt == "chunk":
+            chunks = [ids[start : start + body] for start in range(0, len(ids), body)] or [[]]
+        else:
+            chunks = [ids[:body]]
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        rows = [[bos, *chunk, eos] for chunk in chunks]
+        padded = self.tokenizer.pad({"input_ids": rows}, padding="max_length", max_length=self.max_length)
+        return padded["input_ids"], self.long_prompt == "truncate" and len(ids) > body
+
+    def single_token(self, word: str, where: str) -> int:
+        """The id of a word that must be exactly one (non-special) token of this tokenizer."""
+        ids = self.prompt_ids(word)  # expanded: a multi-vector trigger is several tokens, not one
+        if len(ids) != 1:
+            raise PromptError(f"{where}: {word!r} is {len(ids)} tokens for this model's tokenizer; expected one")
+        if ids[0] in self.tokenizer.all_special_ids:
+            raise PromptError(f"{where}: {word!r} is a special token (start, end or padding); expected a word")
+        return ids[0]
+
+    # -- embeddings
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings for ids (k, L): the model's table, or this encoder's textual-inversion rows."""
+        if not self.extra.shape[0]:
+            return self.token_embedding(ids)
+        is_new = ids >= self.first_new_id
+        known = self.token_embedding(ids.masked_fill(is_new, 0))
+        new = torch.nn.functional.embedding((ids - self.first_new_id).clamp(min=0), self.extra)
+        return torch.where(is_new.unsqueeze(-1), new, known)
+
+    def resolve_mixes(self, token_mix: Sequence[TokenMix], ids: list[int]) -> list[tuple[int, int, float]]:
+        """Check each token mix against this tokenizer and the prompt -> (token id, other id, weight)."""
+        mixes: list[tuple[int, int, float]] = []
+        seen: dict[int, str] = {}
+        for index, mix in enumerate(token_mix):
+            where = "token_mix" if len(token_mix) == 1 else f"token_mix[{index}]"
+            token = self.single_token(mix.token, f"{where}.token")
+            other = self.single_token(mix.other, f"{where}.with")
+            if token not in ids:
+                raise PromptError(f"{where}.token: {mix.token!r} does not occur in the prompt")
+            if token in seen:
+                raise PromptError(f"{where}.token: {mix.token!r} is already mixed by {seen[token]}")
+            if not isinstance(mix.weight, int | float) or not math.isfinite(mix.weight):
+                raise PromptError(f"{where}.weight: expected a number, got {mix.weight!r}")
+            seen[token] = where
+            mixes.append((token, other, float(mix.weight)))
+        return mixes
+
+    def apply_mixes(self, embeds: torch.Tensor, ids: torch.Tensor, mixes: list[tuple[int, int, float]]) -> torch.Tensor:
+        """At each position of a mixed token: (1 - w) * E[token] + w * E[other]."""
+        if not mixes:
+            return embeds
+        out = embeds.clone()
+        for token, other, weight in mixes:
+            at = ids == token
+            target = self.lookup(ids.new_tensor([other]))[0]
+            # In float32, so fp16 tables lose nothing extra; w = 0 gives E[token] and w = 1 E[other] exactly.
+            mixed = (1 - weight) * embeds[at].float() + weight * target.float()
+            out[at] = mixed.to(embeds.dtype)
+        return out
+
+    def encode(self, text: str, token_mix: Sequence[TokenMix] = ()) -> EncodedPrompt:
+        """Text embeddings for one prompt (1, 77 * chunks, d), encoded alone and cached per (text, token_mix)."""
+        key = (text, tuple(token_mix))
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        ids = self.prompt_ids(text)
+        mixes = self.resolve_mixes(token_mix, ids)
+        rows, truncated = self.sequences(ids)
+        # The chunks of one prompt go through together; other prompts never share this batch.
+        input_ids = torch.tensor(rows, device=self.token_embedding.weight.device)
+        with torch.no_grad():
+            token_embeds = self.apply_mixes(self.lookup(input_ids), input_ids, mixes)
+            hidden = run_text_transformer(self.text_encoder, token_embeds)
+        encoded = EncodedPrompt(embeds=hidden.reshape(1, -1, hidden.shape[-1]), tokens=len(ids), truncated=truncated)
+        self.cache[key] = encoded
+        if len(self.cache) > CACHE_SIZE:
+            self.cache.popitem(last=False)
+        return encoded
+
+
+def check_sha256(embedding: Embedding) -> None:
+    """The file must be the one the job recorded, or the manifest row would not be its recipe."""
+    if not embedding.sha256:
+        return
+    try:
+        actual = file_sha256(embedding.path)
+    except OSError as exc:
+        raise PromptError(f"{embedding.path}: cannot read ({exc.strerror or exc})") from exc
+    if actual != embedding.sha256:
+        raise PromptError(
+            f"{embedding.path}: changed since the job was read (sha256 {actual[:12]}..., expected "
+            f"{embedding.sha256[:12]}...)"
+        )
+
+
+def pad_chunks(embeds: Sequence[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """Pad (1, 77k_i, d) embeddings to the largest k by appending copies of ``empty`` (1, 77, d); -> (N, 77k, d)."""
+    if not embeds:
+        raise ValueError("pad_chunks: no embeddings")
+    chunk = empty.shape[1]
+    if any(e.shape[1] % chunk for e in embeds):
+        raise ValueError(f"pad_chunks: sequence lengths {[e.shape[1] for e in embeds]} are not multiples of {chunk}")
+    most = max(e.shape[1] for e in embeds) // chunk
+    # A1111 pads a shorter prompt with empty-prompt chunks, so all share one cross-attention length.
+    padded = [torch.cat([e, *[empty] * (most - e.shape[1] // chunk)], dim=1) for e in embeds]
+    return torch.cat(padded)
