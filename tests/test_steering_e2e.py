@@ -33,17 +33,23 @@ defaults:
   height: 64
   embeddings: [style.safetensors]
 zip:
-  seed: [1, 2, 3, 4, 5, 6, 7, 8]
-  prompt: [a cute dog, a cute dog, a cute dog, '', a puppy, <tiny-style> dog, a cute dog, a cute dog]
-  variation_seed: [null, 9, null, null, null, null, null, null]
-  variation_strength: [0, 0.5, 0, 0, 0, 0, 0, 0]
-  init_image: [null, null, init.png, null, null, null, null, bad.png]
-  strength: [null, null, 0.5, null, null, null, null, 0.5]
-  mix: [null, null, null, [{prompt: a dog, weight: 0.6}, {prompt: a skunk, weight: 0.4}], null, null, null, null]
-  token_mix: [null, null, null, null, {token: puppy, with: skunk}, null, null, null]
-  guidance_loss: [null, null, null, null, null, null, {name: color, target: [null, null, 0.9], every: 1}, null]
-  capture: [null, null, null, null, null, null, [latents, x0], null]
-"""
+  seed: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+  prompt: [a cute dog, a cute dog, a cute dog, '', a puppy, <tiny-style> dog, a cute dog, a cute dog, a dog, '', LONG]
+  variation_seed: [null, 9, null, null, null, null, null, null, 9, null, null]
+  variation_strength: [0, 0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+  perturb_scale: [0, 0, 0, 0, 0, 0, 0, 0, 0.2, 0, 0]
+  init_image: [null, null, init.png, null, null, null, null, bad.png, null, null, null]
+  strength: [null, null, 0.5, null, null, null, null, 0.5, null, null, null]
+  mix: [null, null, null, &mix [{prompt: a dog, weight: 0.6}, {prompt: a skunk, weight: 0.4}], null, null, null, null,
+        null, *mix, null]
+  mix_mode: [sum, sum, sum, sum, sum, sum, sum, sum, sum, slerp, sum]
+  token_mix: [null, null, null, null, {token: puppy, with: skunk}, null, null, null, null, null, null]
+  guidance_loss: [null, null, null, null, null, null, {name: color, target: [null, null, 0.9], every: 1}, null,
+                  null, null, null]
+  capture: [null, null, null, null, null, null, [latents, x0], null, null, null, null]
+  long_prompt: [truncate, truncate, truncate, truncate, truncate, truncate, truncate, truncate, truncate, truncate,
+                chunk]
+""".replace("LONG", " ".join(["a cute dog with a puppy and a skunk"] * 12))
 
 
 def write_inputs(folder: Path, vector_size: int = 32) -> None:
@@ -72,11 +78,11 @@ def steer_run(ray_session, tmp_path_factory):
 def test_every_technique_renders_and_only_the_bad_input_fails(steer_run):
     result, root = steer_run
     assert result.exit_code == 1, result.output  # ran, but one task failed
-    assert "rendered 7, skipped 0, failed 1 of 8" in result.output
+    assert "rendered 10, skipped 0, failed 1 of 11" in result.output
     rows = query(str(root), "SELECT seed, status, error FROM manifest WHERE capture IS NULL ORDER BY seed")
     statuses = [(r["seed"], r["status"]) for r in rows.to_pylist()]
-    assert statuses == [(s, "ok") for s in range(1, 8)] + [(8, "failed")]
-    error = rows.to_pylist()[-1]["error"]
+    assert statuses == [(s, "ok") for s in range(1, 8)] + [(8, "failed")] + [(s, "ok") for s in (9, 10, 11)]
+    error = rows.to_pylist()[7]["error"]
     assert error.startswith("init_image: ") and "bad.png: not a readable image" in error
 
 
@@ -91,6 +97,8 @@ def test_rows_record_each_technique(steer_run):
     assert "style.safetensors" in rows[6]["embeddings"] and '"sha256"' in rows[6]["embeddings"]
     assert '"color"' in rows[7]["guidance_loss"] and rows[7]["captures"] == "latents,x0"
     assert rows[1]["prompt_tokens"] == 3 and rows[1]["prompt_truncated"] is False
+    assert rows[9]["perturb_scale"] == 0.2 and rows[10]["mix_mode"] == "slerp"
+    assert rows[11]["long_prompt"] == "chunk" and rows[11]["prompt_tokens"] > 75 and not rows[11]["prompt_truncated"]
 
 
 def test_captured_frames_are_rows_and_files(steer_run):
@@ -105,7 +113,7 @@ def test_captured_frames_are_rows_and_files(steer_run):
         meta = read_png_metadata(data)
         assert (meta["capture"], meta["step_index"]) == (frame["capture"], frame["step_index"])
     # a frame row is not the task's image: the task counts once, as done
-    assert len(ok_task_ids(str(root))) == 7
+    assert len(ok_task_ids(str(root))) == 10
 
 
 def test_each_image_reproduces_from_its_manifest_rows(steer_run, tmp_path):
