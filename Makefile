@@ -34,6 +34,7 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/grid_throughput.py
+	$(BIN)/python benchmarks/steering_cost.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +330,8 @@ class Components:
     device: str
     dtype: str
     model_hash: str
+    # Prompt encoders the render core keeps for this model (farm.render.prompt_encoder).
+    encoders: dict[Any, Any] = field(default_factory=dict, repr=False)
 
 
 def pick_device() -> str:

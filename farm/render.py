@@ -17,12 +17,16 @@ import torch
 from farm.losses import LossFunction, load_loss, per_image
 from farm.models import Components
 from farm.noise import make_generator, slerp, task_noise
-from farm.spec import BATCH_FIELDS, GuidanceLoss, RenderTask
+from farm.spec import BATCH_FIELDS, Embedding, GuidanceLoss, RenderTask
 from farm.text import PromptEncoder, PromptError, pad_chunks
 
 # How many latents the VAE decodes at once: its activations at full resolution dominate
 # peak memory (a 512x512 decode is ~3 GB at batch 8 in fp16), so decode in slices.
 VAE_DECODE_CHUNK = 4
+
+# Prompt encoders kept per model (one per set of textual-inversion files and long-prompt mode);
+# each holds up to text.CACHE_SIZE encoded prompts.
+ENCODERS_KEPT = 8
 
 # spec.SCHEDULERS name -> (diffusers class name, config overrides).
 SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -86,6 +90,19 @@ class Conditioning:
     truncated: list[bool]
 
 
+def prompt_encoder(components: Components, embeddings: tuple[Embedding, ...], long_prompt: str) -> PromptEncoder:
+    """The model's prompt encoder for these textual-inversion files and long-prompt mode, kept
+    across batches: building one loads its files and copies the tokenizer, and its cache spares
+    re-encoding a grid's prompts in every batch (the embeddings are the same bits either way)."""
+    key = (embeddings, long_prompt)
+    kept = components.encoders
+    encoder = kept.pop(key, None) or PromptEncoder(components, embeddings, long_prompt)
+    kept[key] = encoder  # most recently used last
+    while len(kept) > ENCODERS_KEPT:
+        kept.pop(next(iter(kept)))
+    return encoder
+
+
 def encode_conditioning(components: Components, tasks: Sequence[RenderTask]) -> Conditioning:
     """Each task's prompt (or prompt mix) and negative prompt as text embeddings.
 
@@ -94,7 +111,7 @@ def encode_conditioning(components: Components, tasks: Sequence[RenderTask]) -> 
     """
     first = tasks[0]
     try:
-        encoder = PromptEncoder(components, first.embeddings, first.long_prompt)
+        encoder = prompt_encoder(components, first.embeddings, first.long_prompt)
     except PromptError as exc:  # the embeddings are a batch field: every task shares the problem
         raise TaskInputError(dict.fromkeys(range(len(tasks)), str(exc))) from exc
     texts, unconds, tokens, truncated, errors = [], [], [], [], {}

@@ -78,12 +78,17 @@ def test_each_distinct_prompt_is_encoded_once_and_alone(tiny_components, monkeyp
         return real(encoder, token_embeds)
 
     monkeypatch.setattr(text, "run_text_transformer", recording)
+    monkeypatch.setattr(tiny_components, "encoders", {})  # no prompt cached by earlier tests
     tasks = [task("a dog", 1), task("a puppy", 2), task("a dog", 3, negative_prompt="")]
     cond = render.encode_conditioning(tiny_components, tasks)
-    # "a dog", "a puppy", "blurry", "" (the empty prompt pads chunks): one prompt per call
+    # "", "a dog", "a puppy", "blurry" (the empty prompt pads chunks): one prompt per call
     assert calls == [1, 1, 1, 1]
     assert cond.text.shape == (3, 77, 32)
     assert torch.equal(cond.text[0], cond.text[2]) and not torch.equal(cond.text[0], cond.text[1])
+    # the next batch of the same model reuses them: a grid's prompts are encoded once per actor
+    again = render.encode_conditioning(tiny_components, tasks[::-1])
+    assert calls == [1, 1, 1, 1]
+    assert torch.equal(again.text[2], cond.text[0])
 
 
 def test_mixed_batch_is_refused(tiny_components):
