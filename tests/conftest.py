@@ -78,3 +78,15 @@ def small_job(tmp_path: Path) -> Path:
     path = tmp_path / "small.yaml"
     path.write_text(SMALL_JOB.format(name="small"))
     return path
+
+
+def assert_dry_run_fails(job: Path, message: str) -> None:
+    """``farm render JOB --dry-run`` exits 2 with one line starting with ``error: <message>``."""
+    from click.testing import CliRunner
+
+    from farm.cli import main
+
+    result = CliRunner().invoke(main, ["render", str(job), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output

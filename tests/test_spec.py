@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import assert_dry_run_fails
 
 from farm.cli import main
 from farm.driver import cut_batches
@@ -152,10 +153,7 @@ BAD_SPECS = [
 def test_bad_spec_exits_2_naming_the_field(tmp_path: Path, text: str, field: str):
     job = tmp_path / "bad.yaml"
     job.write_text(text)
-    result = CliRunner().invoke(main, ["render", str(job), "--dry-run"])
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {field}"), result.output
+    assert_dry_run_fails(job, field)
 
 
 def test_bad_yaml_and_bad_bytes(tmp_path: Path):

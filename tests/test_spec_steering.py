@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import assert_dry_run_fails
 
 from farm.cli import main
 from farm.spec import RenderTask, SpecError, file_sha256, parse_job
@@ -174,10 +175,7 @@ BAD_STEERING = [
 def test_bad_steering_value_exits_2_naming_the_field(files: Path, text: str, message: str):
     job = files / "bad.yaml"
     job.write_text(text)
-    result = CliRunner().invoke(main, ["render", str(job), "--dry-run"])
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output
+    assert_dry_run_fails(job, message)
 
 
 def test_fields_zipped_together_are_checked_row_by_row():

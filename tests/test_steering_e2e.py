@@ -20,7 +20,7 @@ from farm.spec import Batch, RenderTask
 
 pytestmark = pytest.mark.slow
 
-# One task per technique (zipped, so each row of the zip is one task); the last one's init
+# One task per technique (zipped, so each row of the zip is one task); the eighth one's init
 # image is corrupt, so it must fail alone while the rest render.
 STEER_JOB = """
 name: steer
