@@ -43,18 +43,14 @@ def task_columns(task: RenderTask) -> dict[str, Any]:
     return row
 
 
-def base_row(job: str, task: RenderTask, batch: Batch, index: int, size: int | None = None) -> dict[str, Any]:
-    """The input half of a manifest row: everything known before rendering.
-
-    ``size`` is the number of tasks rendered together when some of the batch failed its
-    input checks (the rest render as a smaller batch).
-    """
+def base_row(job: str, task: RenderTask, batch: Batch, index: int) -> dict[str, Any]:
+    """The input half of a manifest row: everything known before rendering."""
     return {
         **task_columns(task),
         "task_id": task.task_id,
         "job": job,
         "batch_id": batch.batch_id,
-        "batch_size": size or len(batch.tasks),
+        "batch_size": len(batch.tasks),
         "batch_index": index,
         "image_path": image_relpath(task.task_id),
         "farm_version": __version__,
@@ -152,20 +148,23 @@ class BatchRenderer:
                 problems.append(str(exc))
         return problems
 
-    def render(self, batch: Batch) -> list[dict[str, Any]]:
+    def render(self, batch: Batch, skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
         """Render one batch, write each PNG (and captured frames), and return the manifest rows.
 
         A task whose inputs cannot be used (an unreadable init image, a prompt the model
-        cannot encode) gets a failed row with its error; the rest of the batch renders.
+        cannot encode) gets a failed row with its error; the rest of the batch renders, and
+        their rows record the smaller batch actually rendered (its own ``batch_id``). Tasks
+        in ``skip`` (already done) are neither rendered nor written.
         """
         from farm.render import TaskInputError, render_batch
 
         self.load(batch.tasks[0].model)
+        todo = [t for t in batch.tasks if t.task_id not in skip]
         errors: dict[str, str] = {}
-        init_images = {t.task_id: self.read_init_image(t, errors) for t in batch.tasks if t.init_image}
+        init_images = {t.task_id: self.read_init_image(t, errors) for t in todo if t.init_image}
         start = time.perf_counter()
         while True:
-            live = [t for t in batch.tasks if t.task_id not in errors]
+            live = [t for t in todo if t.task_id not in errors]
             if not live:
                 result = None
                 break
@@ -181,7 +180,7 @@ class BatchRenderer:
         ]
         if result is not None:
             seconds = (time.perf_counter() - start) / len(live)
-            rows += self.write_outputs(batch, live, result, seconds)
+            rows += self.write_outputs(Batch.of(live), result, seconds)
         return rows
 
     def read_init_image(self, task: RenderTask, errors: dict[str, str]) -> Any:
@@ -199,7 +198,7 @@ class BatchRenderer:
             errors[task.task_id] = f"init_image: {task.init_image}: {message}"
             return None
 
-    def write_outputs(self, batch: Batch, tasks: list[RenderTask], result: Any, seconds: float) -> list[dict[str, Any]]:
+    def write_outputs(self, batch: Batch, result: Any, seconds: float) -> list[dict[str, Any]]:
         """Write every image and captured frame, and return their rows (frames' rows carry ``capture``)."""
         import diffusers
         import torch
@@ -219,14 +218,14 @@ class BatchRenderer:
             "diffusers_version": diffusers.__version__,
         }
         rows = []
-        for index, task in enumerate(tasks):
-            row = base_row(self.job, task, batch, index, len(tasks)) | outputs
+        for index, task in enumerate(batch.tasks):
+            row = base_row(self.job, task, batch, index) | outputs
             row.update(prompt_tokens=result.prompt_tokens[index], prompt_truncated=result.prompt_truncated[index])
             meta = {
                 "task": json.loads(task.canonical_json()),
                 "task_id": task.task_id,
                 "batch_id": batch.batch_id,
-                "batch_size": len(tasks),
+                "batch_size": len(batch.tasks),
                 "batch_index": index,
                 "model_hash": c.model_hash,
                 "dtype": c.dtype,

@@ -7,7 +7,6 @@ a failed call or a dead actor, and writes manifest parts as rows stream back.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -100,10 +99,6 @@ class Summary:
 # Batching (pure, deterministic)
 
 
-def batch_id(tasks: Iterable[RenderTask]) -> str:
-    return hashlib.sha256(",".join(t.task_id for t in tasks).encode()).hexdigest()[:16]
-
-
 def cut_batches(tasks: Iterable[RenderTask], batch_size: int) -> Iterator[Batch]:
     """Consecutive tasks with the same batch key, in task order, cut into chunks of ``batch_size``.
 
@@ -115,11 +110,11 @@ def cut_batches(tasks: Iterable[RenderTask], batch_size: int) -> Iterator[Batch]
     chunk: list[RenderTask] = []
     for task in tasks:
         if chunk and (task.batch_key != chunk[0].batch_key or len(chunk) == batch_size):
-            yield Batch(batch_id(chunk), tuple(chunk))
+            yield Batch.of(chunk)
             chunk = []
         chunk.append(task)
     if chunk:
-        yield Batch(batch_id(chunk), tuple(chunk))
+        yield Batch.of(chunk)
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,7 +320,10 @@ def dispatch(
             for index, actor in enumerate(actors):
                 while load[index] < IN_FLIGHT_PER_ACTOR and (item := next_batch()):
                     batch, attempt = item
-                    in_flight[actor.render.remote(batch)] = (index, batch, attempt)
+                    # Tasks already done (the rest of the batch failed an input check
+                    # before) are not rendered again: their images stay as their rows say.
+                    skip = frozenset(t.task_id for t in batch.tasks if t.task_id in done)
+                    in_flight[actor.render.remote(batch, skip)] = (index, batch, attempt)
                     load[index] += 1
             if not in_flight:
                 break

@@ -28,7 +28,7 @@ from typing import Any
 PRESETS = ("tiny",)
 # Bumped whenever the tiny architecture or its vocabulary changes, so an old cache
 # folder is never mistaken for the current preset.
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"
 TINY_SEED = 20221122
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -291,16 +291,20 @@ def build_tiny_pipeline() -> Any:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    # Stable Diffusion 1.x's own scheduler settings, so every scheduler built from this
-    # config behaves as it would on a real checkpoint.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
+    # Stable Diffusion 1.x's own scheduler_config.json, so every scheduler built from this
+    # config behaves as it would on a real checkpoint; clip_sample is not a PNDM argument but
+    # the file carries it, and DDIM reads it from there (its own default would clip x0).
+    scheduler = PNDMScheduler.from_config(
+        {
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "clip_sample": False,
+            "num_train_timesteps": 1000,
+            "skip_prk_steps": True,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+        }
     )
     return StableDiffusionPipeline(
         vae=vae,

@@ -46,7 +46,10 @@ def build_scheduler(name: str, base_config: dict[str, Any]) -> Any:
 
     class_name, overrides = SCHEDULER_CLASSES[name]
     cls = getattr(diffusers, class_name)
-    return cls.from_config({**base_config, **overrides})
+    config = {**base_config, **overrides}
+    if "_use_default_values" in config:  # diffusers would put its defaults back over our overrides
+        config["_use_default_values"] = [k for k in config["_use_default_values"] if k not in overrides]
+    return cls.from_config(config)
 
 
 def scheduler_config(scheduler: Any) -> dict[str, Any]:
@@ -176,6 +179,8 @@ def step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, 
 def prepare_timesteps(scheduler: Any, steps: int, start_step: int, device: str) -> torch.Tensor:
     """The timesteps to run: all of them, or from ``start_step`` on for img2img (as diffusers does)."""
     scheduler.set_timesteps(steps, device=device)
+    if start_step >= steps:  # strength 0: nothing to denoise, the init image's latents are the result
+        return scheduler.timesteps[:0]
     begin = start_step * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(begin)
@@ -242,15 +247,25 @@ def is_sigma_scheduler(scheduler: Any) -> bool:
 def current_sigma(scheduler: Any) -> float:
     """The noise level of the latents the next ``step`` call receives (sigma samplers)."""
     index = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
-    return float(scheduler.sigmas[index])
+    return float(scheduler.sigmas[min(index, len(scheduler.sigmas) - 1)])
 
 
-def predicted_x0(scheduler: Any, latents: torch.Tensor, noise_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The clean latents the model predicts from noisy ``latents`` (Ho et al. (2020), eq. 15)."""
+def predicted_x0(scheduler: Any, latents: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean latents the model predicts from noisy ``latents``: Ho et al. (2020), eq. 15, for
+    noise prediction; Salimans & Ho (2022) for v-prediction (SD 2.x 768); the output itself for
+    sample prediction. Written as diffusers' schedulers write ``pred_original_sample``."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "sample":
+        return model_output
     if is_sigma_scheduler(scheduler):
-        return latents - current_sigma(scheduler) * noise_pred
+        sigma = current_sigma(scheduler)
+        if kind == "v_prediction":
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + latents / (sigma**2 + 1)
+        return latents - sigma * model_output
     alpha = scheduler.alphas_cumprod.to(latents.device)[t.long()].to(latents.dtype)
-    return (latents - (1 - alpha).sqrt() * noise_pred) / alpha.sqrt()
+    if kind == "v_prediction":
+        return alpha.sqrt() * latents - (1 - alpha).sqrt() * model_output
+    return (latents - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
 
 
 def guidance_step_size(scheduler: Any, t: torch.Tensor) -> float:
@@ -342,14 +357,16 @@ def step_marks(scheduler: Any, timesteps: torch.Tensor) -> tuple[list[bool], lis
     """Which loop iterations start a sampler step, and which complete one.
 
     Most samplers call the UNet once per step. Heun calls it twice (2N - 1 calls for N
-    steps; the last step is a plain Euler step), and PNDM calls it twice at its first
-    timestep. Captures and guidance losses count sampler steps, not UNet calls.
+    steps; the last step is a plain Euler step). PNDM (PLMS) makes its first step of two
+    calls: the second corrects the first from the same starting sample, and ignores the
+    sample it is given. Captures and guidance losses count sampler steps, not UNet calls.
     """
     n = len(timesteps)
     if scheduler.order == 2:
         return [i % 2 == 0 for i in range(n)], [i % 2 == 1 or i == n - 1 for i in range(n)]
-    ts = timesteps.tolist()
-    return [i == 0 or ts[i] != ts[i - 1] for i in range(n)], [i == n - 1 or ts[i + 1] != ts[i] for i in range(n)]
+    if type(scheduler).__name__ == "PNDMScheduler" and n > 1:
+        return [i != 1 for i in range(n)], [i != 0 for i in range(n)]
+    return [True] * n, [True] * n
 
 
 def viewable(scheduler: Any, latents: torch.Tensor) -> torch.Tensor:

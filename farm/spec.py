@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -71,8 +71,7 @@ MAX_PERTURB_SCALE = 10.0
 # The notebook's "make it blue" numbers: loss scale 200, a guidance step every 10 steps.
 DEFAULT_LOSS_SCALE = 200.0
 DEFAULT_LOSS_EVERY = 10
-# Fields tied together by check_task_fields, and how many of their combinations to check
-# one by one (beyond that, each axis against the defaults).
+# Fields tied together by check_task_fields.
 CROSS_FIELDS = {
     "variation_seed",
     "variation_strength",
@@ -86,7 +85,6 @@ CROSS_FIELDS = {
     "mix_mode",
     "token_mix",
 }
-MAX_CHECKED_COMBINATIONS = 100_000
 CUSTOM_LOSS = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # Torch seeds are 64-bit, but A1111 and most tools use 32-bit seeds; staying in that range
 # keeps farm's seeds portable to them.
@@ -240,6 +238,11 @@ class Batch:
     batch_id: str
     tasks: tuple[RenderTask, ...]
 
+    @classmethod
+    def of(cls, tasks: Iterable[RenderTask]) -> Batch:
+        tasks = tuple(tasks)
+        return cls(hashlib.sha256(",".join(t.task_id for t in tasks).encode()).hexdigest()[:16], tasks)
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -351,7 +354,7 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
     defaults = _parse_defaults(data)
     axes = _parse_sweep(_or_empty(data, "sweep", {}), "sweep") + _parse_zip(_or_empty(data, "zip", []))
     if kind == "perturb":
-        axes += _parse_perturb(data.get("perturb"), axes)
+        axes += _parse_perturb(data.get("perturb"), axes, defaults)
     if kind == "trajectory" and "capture" not in defaults_given(data) and not _swept(axes, "capture"):
         defaults["capture"] = CAPTURE_KINDS
     names = [n for axis_names, _ in axes for n in axis_names]
@@ -387,7 +390,7 @@ def _swept(axes: list, name: str) -> bool:
     return any(name in axis_names for axis_names, _ in axes)
 
 
-def _parse_perturb(section: Any, axes: list) -> list:
+def _parse_perturb(section: Any, axes: list, defaults: dict[str, Any]) -> list:
     """``kind: perturb``: one base seed, N variation seeds x a list of strengths."""
     if not isinstance(section, dict):
         raise SpecError("perturb: expected a mapping with seeds, strengths and optionally mode (slerp or scale)")
@@ -402,6 +405,8 @@ def _parse_perturb(section: Any, axes: list) -> list:
         raise SpecError(f"perturb.mode: expected slerp or scale, got {mode!r}")
     if "seeds" not in section or "strengths" not in section:
         raise SpecError("perturb: needs seeds (a list, {range: ...} or {random: N}) and strengths (a list)")
+    if defaults["seed"] == "random":  # one base seed for the whole job, drawn once
+        defaults["seed"] = RandomSlot("defaults.seed")
     strength_field = "variation_strength" if mode == "slerp" else "perturb_scale"
     seeds = sweep_values("variation_seed", section["seeds"], "perturb.seeds")
     strengths = sweep_values(strength_field, section["strengths"], "perturb.strengths")
@@ -451,19 +456,35 @@ def _resolve_files(defaults: dict[str, Any], axes: list, base_dir: Path) -> dict
 def check_combinations(defaults: dict[str, Any], axes: list) -> None:
     """Checks across fields, on every combination of the values of the fields involved.
 
-    Only the axes holding those fields are multiplied out (usually none or one, so this is
-    cheap); past MAX_CHECKED_COMBINATIONS each such axis is checked against the defaults alone.
+    Each value is first reduced to what the checks look at (is a variation seed given, is the
+    prompt empty, ...), so a sweep of 50,000 seeds or prompts reduces to one or two values and
+    the product of the axes involved stays small, however large the job.
     """
     relevant = [(names, rows) for names, rows in axes if CROSS_FIELDS & set(names)]
-    groups = [relevant]
-    if math.prod(len(rows) for _, rows in relevant) > MAX_CHECKED_COMBINATIONS:
-        groups = [[axis] for axis in relevant]
-    for group in groups:
-        names = [n for axis_names, _ in group for n in axis_names]
-        for combo in itertools.product(*(rows for _, rows in group)):
-            fields = dict(defaults)
-            fields.update(zip(names, itertools.chain.from_iterable(combo), strict=True))
-            check_task_fields(fields)
+    reduced_axes = []
+    for names, rows in relevant:
+        kept = [i for i, n in enumerate(names) if n in CROSS_FIELDS]
+        reduced = {tuple(reduce_for_checks(names[i], row[i]) for i in kept) for row in rows}
+        reduced_axes.append(([names[i] for i in kept], sorted(reduced, key=repr)))
+    base = {n: reduce_for_checks(n, v) if n in CROSS_FIELDS else v for n, v in defaults.items()}
+    names = [n for axis_names, _ in reduced_axes for n in axis_names]
+    for combo in itertools.product(*(rows for _, rows in reduced_axes)):
+        fields = dict(base)
+        fields.update(zip(names, itertools.chain.from_iterable(combo), strict=True))
+        check_task_fields(fields)
+
+
+def reduce_for_checks(name: str, value: Any) -> Any:
+    """A stand-in for ``value`` that check_task_fields judges exactly as it judges ``value``."""
+    if name in ("variation_seed", "init_image", "strength"):
+        return None if value is None else 0
+    if name in ("variation_strength", "perturb_scale", "prompt"):
+        return bool(value)
+    if name == "token_mix":
+        return bool(value)
+    if name == "mix":
+        return tuple(MixPart("", float((m.weight > 0) - (m.weight < 0))) for m in value)
+    return value  # steps, start_step, mix_mode: compared by value
 
 
 def check_task_fields(f: dict[str, Any]) -> None:
@@ -487,6 +508,8 @@ def check_task_fields(f: dict[str, Any]) -> None:
             raise SpecError("token_mix: applies to prompt; it cannot be combined with mix")
         if f["mix_mode"] == "slerp" and len(f["mix"]) != 2:
             raise SpecError("mix_mode: slerp blends exactly two prompts; give mix two entries")
+        if f["mix_mode"] == "slerp" and (min(m.weight for m in f["mix"]) < 0 or max(m.weight for m in f["mix"]) <= 0):
+            raise SpecError("mix_mode: slerp needs weights of 0 or more, at least one above 0")
 
 
 DEFAULTS: dict[str, Any] = {
@@ -608,7 +631,7 @@ def sweep_values(key: str, spec: Any, where: str, unique: bool = True) -> list[A
 
 
 def _generated_values(key: str, form: str, args: Any, where: str) -> list[Any]:
-    numbers = isinstance(args, list) and all(_is_number(a) and math.isfinite(a) for a in args)
+    numbers = isinstance(args, list) and all(_is_finite(a) for a in args)
     if form == "range":
         if not numbers or len(args) not in (2, 3):
             raise SpecError(f"{where}.range: expected [start, stop] or [start, stop, step]")
@@ -641,6 +664,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_finite(value: Any) -> bool:
+    """A number that is neither infinite, NaN, nor an int too large for a float (10**400)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _tidy(value: float) -> float | int:
     """Round away float noise from range/linspace arithmetic (0.1 * 3 -> 0.3)."""
     return round(value, 10) if isinstance(value, float) else value
@@ -665,7 +696,7 @@ def check_value(key: str, value: Any, where: str) -> Any:
             raise SpecError(f"{where}: expected a whole number of steps from 1 to {MAX_STEPS}, got {value!r}")
         return value
     if key == "guidance":
-        if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 100:
+        if not _is_finite(value) or not 0 <= value <= 100:
             raise SpecError(f"{where}: expected a number from 0 to 100, got {value!r}")
         return float(value)
     if key in ("width", "height"):
@@ -739,7 +770,7 @@ def check_technique(key: str, value: Any, where: str) -> Any:
 
 
 def _number(value: Any, where: str, low: float, high: float) -> float:
-    if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
+    if not _is_finite(value) or not low <= value <= high:
         raise SpecError(f"{where}: expected a number from {low:g} to {high:g}, got {value!r}")
     return float(value)
 
@@ -805,7 +836,7 @@ def _parse_loss(value: Any, where: str) -> GuidanceLoss:
     if name != "color" and (not isinstance(name, str) or not CUSTOM_LOSS.match(name)):
         raise SpecError(f"{where}.name: expected color or module:function, got {name!r}")
     target = loss.get("target", [])
-    if not isinstance(target, list) or not all(t is None or (_is_number(t) and math.isfinite(t)) for t in target):
+    if not isinstance(target, list) or not all(t is None or _is_finite(t) for t in target):
         raise SpecError(f"{where}.target: expected a list of numbers (null to leave a channel free)")
     if name == "color" and (
         len(target) != 3 or all(t is None for t in target) or any(t is not None and not 0 <= t <= 1 for t in target)

@@ -96,7 +96,7 @@ def test_mixed_batch_is_refused(tiny_components):
         render.render_batch(tiny_components, [task(steps=4), task(steps=5)])
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "pndm"])
+@pytest.mark.parametrize("scheduler", ["euler", "pndm", "ddim"])
 def test_task_alone_stays_within_tolerance_of_its_batch(tiny_components, scheduler):
     tasks = [task(p, s, scheduler, steps=20) for p in ["a cute shiba inu", "a cat", "x"] for s in (1, 2)]
     batch = render.render_batch(tiny_components, tasks).images

@@ -97,7 +97,7 @@ def test_a_batch_that_keeps_failing_gets_failed_rows_and_the_job_goes_on(ray_ses
         def __init__(self) -> None:
             self.calls = 0
 
-        def render(self, batch):
+        def render(self, batch, skip=frozenset()):
             self.calls += 1
             if any(t.prompt == "boom" for t in batch.tasks):
                 raise ValueError("cannot render boom")

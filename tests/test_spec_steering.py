@@ -168,6 +168,16 @@ BAD_STEERING = [
     ("kind: perturb\nsweep: {seed: [1, 2]}\nperturb: {seeds: [1], strengths: [0.1]}", "sweep.seed"),
     ("kind: perturb\nperturb: {seeds: [1], strengths: [0.1], mode: wobble}", "perturb.mode"),
     ("kind: perturb\nperturb: {seeds: [1], strengths: [2]}", "perturb.strengths[0]"),
+    ("defaults: {variation_seed: 1, variation_strength: " + "9" * 400 + "}", "defaults.variation_strength"),
+    ("defaults: {guidance_loss: {name: color, target: [0, 0, " + "9" * 400 + "]}}", "defaults.guidance_loss.target"),
+    ("defaults: {mix: [{prompt: a, weight: 1}, {prompt: b, weight: -1}], mix_mode: slerp}", "mix_mode: slerp needs"),
+    ("defaults: {mix: [{prompt: a, weight: 0}, {prompt: b, weight: 0}], mix_mode: slerp}", "mix_mode: slerp needs"),
+    # 50,000 variation seeds reduce to one value for the checks, so steps 10 x start_step 20 is still found
+    (
+        "defaults: {init_image: init.png, start_step: 20}\n"
+        "sweep: {steps: [10, 50], variation_seed: {range: [0, 50001]}}",
+        "start_step: 20 is past the last step (steps: 10)",
+    ),
 ]
 
 
@@ -194,3 +204,13 @@ def test_dry_run_names_the_techniques(files: Path):
     result = CliRunner().invoke(main, ["render", str(job), "--dry-run", "--out", str(files / "out")])
     assert result.exit_code == 0, result.output
     assert "[variation 3 at scale 0.1, img2img init.png from step 10, capture x0]" in result.output
+
+
+def test_checks_across_fields_hold_on_large_sweeps():
+    spec = parse_job("sweep: {variation_strength: [0.25, 0.5], variation_seed: {range: [0, 50001]}}")
+    assert spec.count() == 100_002
+
+
+def test_perturb_with_a_random_seed_has_one_base_seed():
+    text = "kind: perturb\ndefaults: {seed: random}\nperturb: {seeds: [1, 2], strengths: [0.1, 0.2]}"
+    assert len({t.seed for t in parse_job(text).tasks(random_base=5)}) == 1

@@ -13,7 +13,7 @@ from PIL import Image
 from farm import render
 from farm.images import fit_image
 from farm.noise import initial_noise, make_generator, perturb, slerp, task_noise
-from farm.spec import Embedding, GuidanceLoss, MixPart, RenderTask, TokenMix
+from farm.spec import SCHEDULERS, Embedding, GuidanceLoss, MixPart, RenderTask, TokenMix
 
 BLUE = GuidanceLoss(name="color", target=(None, None, 0.9), scale=2000.0, every=1)
 
@@ -259,11 +259,48 @@ def test_capture_of_img2img_counts_the_steps_that_run(tiny_components, init_pixe
     assert result.frames["latents"].shape[0] == 4
 
 
-def test_capture_with_no_steps_left_gives_the_start_frame_only(tiny_components, init_pixels):
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_strength_zero_runs_no_step_and_captures_the_start_only(tiny_components, init_pixels, scheduler):
     both = ("latents", "x0")
-    nothing_left = task(init_image="x.png", init_image_sha256="0", strength=0.0, start_step=6, capture=both)
-    result = render.render_batch(tiny_components, [nothing_left], [init_pixels])
+    nothing_left = task(
+        scheduler=scheduler, init_image="x.png", init_image_sha256="0", strength=0.0, start_step=6, capture=both
+    )
+    calls = []
+    handle = tiny_components.unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        result = render.render_batch(tiny_components, [nothing_left], [init_pixels])
+    finally:
+        handle.remove()
+    assert calls == []
     assert result.frames["latents"].shape[0] == 1 and result.frames["x0"].shape[0] == 0
+
+
+def test_pndm_first_step_is_two_calls():
+    # PLMS's second call corrects the first from the same sample and ignores the sample it is
+    # given: a capture or a guidance step there would be lost, so both count it with call 0.
+    from farm.models import build_tiny_pipeline
+
+    scheduler = render.build_scheduler("pndm", dict(build_tiny_pipeline().scheduler.config))
+    timesteps = render.prepare_timesteps(scheduler, 6, 0, "cpu")
+    starts, ends = render.step_marks(scheduler, timesteps)
+    assert len(timesteps) == 7
+    assert starts == [True, False, True, True, True, True, True]
+    assert ends == [False, True, True, True, True, True, True]
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "lms"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_predicted_x0_matches_the_scheduler(tiny_components, scheduler, prediction):
+    config = {**tiny_components.scheduler_config, "prediction_type": prediction}
+    built = render.build_scheduler(scheduler, config)
+    timesteps = render.prepare_timesteps(built, 10, 0, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator) * float(built.init_noise_sigma)
+    output = torch.randn(1, 4, 8, 8, generator=generator)
+    built.scale_model_input(latents, timesteps[0])  # LMS insists on it before step
+    mine = render.predicted_x0(built, latents, output, timesteps[0])
+    theirs = built.step(output, timesteps[0], latents).pred_original_sample
+    assert torch.allclose(mine, theirs, atol=1e-5)
 
 
 def test_last_latents_frame_is_the_image(tiny_components):

@@ -150,3 +150,51 @@ def test_an_embedding_of_the_wrong_size_exits_2_naming_the_field(ray_session, tm
     assert result.exit_code == 2, result.output
     assert "error: embeddings[0]: " in result.output
     assert "holds vectors of size 768; this model's text encoder needs 32" in result.output
+
+
+def test_rerun_renders_only_the_failed_task_and_leaves_finished_images_alone(steer_run):
+    """Runs last: the rerun adds rows. The bad task shared a batch with nothing else here, so
+    the rerun also proves a partly failed batch is not re-rendered around its failure."""
+    result, root = steer_run
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / "images").glob("*.png")}
+    args = ["render", str(root.parent.parent / "steer.yaml"), "--out", str(root.parent), "--no-progress"]
+    again = CliRunner().invoke(main, [*args, "--actors", "2", "--batch-size", "2"])
+    assert again.exit_code == 1, again.output
+    assert "rendered 0, skipped 10, failed 1 of 11" in again.output
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / "images").glob("*.png")}
+    assert after == before
+
+
+def test_a_batch_whose_task_failed_resumes_without_touching_the_others(tiny_path, tmp_path):
+    """Three img2img tasks in one batch, the middle one's init image unreadable at render time."""
+    write_inputs(tmp_path)
+    from farm.spec import parse_job
+
+    spec = parse_job(
+        "name: part\nmodel: tiny\nscheduler: euler\n"
+        "defaults: {prompt: a dog, steps: 2, width: 64, height: 64, init_image: init.png, strength: 0.5}\n"
+        "sweep: {seed: [1, 2, 3]}",
+        base_dir=tmp_path,
+    )
+    batch = Batch.of(spec.tasks())
+    threads = torch.get_num_threads()
+    try:
+        renderer = BatchRenderer("part", str(tmp_path / "out"), threads=1)
+        good = (tmp_path / "init.png").read_bytes()
+        (tmp_path / "init.png").write_bytes(b"gone")
+        failing = renderer.render(Batch(batch.batch_id, batch.tasks[1:2]))
+        assert failing[0]["status"] == "failed" and "changed since the job was read" in failing[0]["error"]
+        (tmp_path / "init.png").write_bytes(good)
+        first = renderer.render(batch, skip=frozenset({batch.tasks[1].task_id}))
+        paths = {r["task_id"]: tmp_path / "out" / r["image_path"] for r in first}
+        stamps = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+        # the two rendered together record the batch they were rendered in: its own id and size
+        assert [(r["batch_id"], r["batch_size"], r["batch_index"]) for r in first] == [
+            (Batch.of([batch.tasks[0], batch.tasks[2]]).batch_id, 2, 0),
+            (Batch.of([batch.tasks[0], batch.tasks[2]]).batch_id, 2, 1),
+        ]
+        resumed = renderer.render(batch, skip=frozenset(paths))
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["task_id"], r["batch_size"]) for r in resumed] == [(batch.tasks[1].task_id, 1)]
+    assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == stamps
