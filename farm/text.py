@@ -304,7 +304,9 @@ class PromptEncoder:
             self.cache.move_to_end(key)
             return self.cache[key]
         ids = self.prompt_ids(text)
-        mixes = self.resolve_mixes(token_mix, ids)
+        # A token past the truncation point is not in the prompt the model sees.
+        kept = ids if self.long_prompt == "chunk" else ids[: self.max_length - 2]
+        mixes = self.resolve_mixes(token_mix, kept)
         rows, truncated = self.sequences(ids)
         # The chunks of one prompt go through together; other prompts never share this batch.
         input_ids = torch.tensor(rows, device=self.token_embedding.weight.device)

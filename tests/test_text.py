@@ -360,3 +360,12 @@ def test_encoded_prompt_is_frozen(tiny_components):
     assert isinstance(encoded, EncodedPrompt)
     with pytest.raises(AttributeError):
         encoded.tokens = 3
+
+
+def test_token_mix_on_a_token_lost_to_truncation_is_an_error(tiny_components):
+    encoder = PromptEncoder(tiny_components)
+    prompt = " ".join(["dog"] * 80) + " puppy"
+    with pytest.raises(PromptError, match="token_mix.token: 'puppy' does not occur in the prompt"):
+        encoder.encode(prompt, (TokenMix("puppy", "skunk", 0.5),))
+    chunked = PromptEncoder(tiny_components, long_prompt="chunk")
+    assert chunked.encode(prompt, (TokenMix("puppy", "skunk", 0.5),)).embeds.shape[1] == 154
