@@ -66,7 +66,7 @@ def farm_home() -> Path:
 
 def is_known_model_ref(ref: str) -> bool:
     """Cheap syntactic check used by the spec: a preset, an existing path or a hub id."""
-    if ref in PRESETS or HUB_ID.match(ref):
+    if ref in PRESETS or HUB_ID.fullmatch(ref):
         return True
     try:
         return Path(ref).expanduser().exists()
@@ -93,7 +93,7 @@ def resolve_model(ref: str, allow_pickle: bool = False, config: str | None = Non
         if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
             raise ModelError(f"model {ref!r}: expected a .safetensors file, a diffusers folder or a hub id")
         return ResolvedModel(ref, "single_file", str(path.resolve()), config)
-    if HUB_ID.match(ref):
+    if HUB_ID.fullmatch(ref):
         return ResolvedModel(ref, "folder", find_in_hub_cache(ref), allow_pickle=allow_pickle)
     raise ModelError(
         f"model {ref!r}: not a preset ({', '.join(PRESETS)}), an existing folder or file, or a hub id (org/name)"

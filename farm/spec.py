@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import re
+import reprlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -95,6 +96,9 @@ MAX_STEPS = 1000
 # One axis's values are held in memory (the product of axes is not): a million is plenty
 # and still small, while {range: [0, 4294967295]} would exhaust memory.
 MAX_AXIS_VALUES = 1_000_000
+# A job's tasks are counted (and a rerun skips done ones) by walking them all: 100 million
+# take minutes, which is nothing next to rendering them; far beyond is a typo in a sweep.
+MAX_TASKS = 100_000_000
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -334,7 +338,12 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{where}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+        problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise SpecError(f"{where}: invalid YAML{at}: {problem}") from exc
+    except ValueError as exc:  # an int of more than 4300 digits (Python's int-from-text limit)
+        raise SpecError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+    except RecursionError as exc:
+        raise SpecError(f"{where}: invalid YAML: nested too deeply") from exc
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected a mapping of fields (name, model, defaults, sweep, ...)")
     unknown = [k for k in data if k not in TOP_LEVEL_FIELDS]
@@ -342,13 +351,13 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
         raise SpecError(f"{unknown[0]}: unknown field; expected one of {', '.join(TOP_LEVEL_FIELDS)}")
 
     name = data.get("name", default_name)
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         source = "" if "name" in data else f" (none given, and the file name {default_name!r} cannot serve)"
         raise SpecError(f"name: expected letters, digits, '_', '-' or '.' (it names the output folder){source}")
 
     kind = data.get("kind", "grid")
     if kind not in KINDS:
-        raise SpecError(f"kind: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise SpecError(f"kind: unknown kind {_show(kind)}; expected one of {', '.join(KINDS)}")
     if "perturb" in data and kind != "perturb":
         raise SpecError("perturb: only for kind: perturb")
     defaults = _parse_defaults(data)
@@ -361,6 +370,9 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
     repeated = {n for n in names if names.count(n) > 1}
     if repeated:
         raise SpecError(f"sweep.{sorted(repeated)[0]}: swept twice (in sweep and zip, or twice in zip)")
+    count = math.prod(len(values) for _, values in axes)
+    if count > MAX_TASKS:
+        raise SpecError(f"sweep: {count:.3g} tasks; at most {MAX_TASKS:,} in one job (split it into several)")
     hashes = _resolve_files(defaults, axes, base_dir or Path.cwd())
     check_combinations(defaults, axes)
     model_config = data.get("model_config")
@@ -402,7 +414,7 @@ def _parse_perturb(section: Any, axes: list, defaults: dict[str, Any]) -> list:
             raise SpecError(f"sweep.{name}: a perturb job has one base seed and sweeps variations in perturb:")
     mode = section.get("mode", "slerp")
     if mode not in ("slerp", "scale"):
-        raise SpecError(f"perturb.mode: expected slerp or scale, got {mode!r}")
+        raise SpecError(f"perturb.mode: expected slerp or scale, got {_show(mode)}")
     if "seeds" not in section or "strengths" not in section:
         raise SpecError("perturb: needs seeds (a list, {range: ...} or {random: N}) and strengths (a list)")
     if defaults["seed"] == "random":  # one base seed for the whole job, drawn once
@@ -592,7 +604,7 @@ def _refuse_repeats(values: tuple | list, where: str) -> None:
     for i, value in enumerate(values):
         key = repr(value)
         if key in seen:
-            raise SpecError(f"{where}[{i}]: repeats [{seen[key]}] ({value!r}); each value once")
+            raise SpecError(f"{where}[{i}]: repeats [{seen[key]}] ({_show(value)}); each value once")
         seen[key] = i
 
 
@@ -656,7 +668,7 @@ def _generated_values(key: str, form: str, args: Any, where: str) -> list[Any]:
             raise SpecError(f"{where}.random: expected a whole number of seeds from 1 to {MAX_AXIS_VALUES}")
         return ["random"] * args
     raise SpecError(
-        f"{where}: unknown form {form!r}; expected range, linspace" + (" or random" if key in SEED_FIELDS else "")
+        f"{where}: unknown form {_show(form)}; expected range, linspace" + (" or random" if key in SEED_FIELDS else "")
     )
 
 
@@ -689,28 +701,28 @@ def check_value(key: str, value: Any, where: str) -> Any:
         if value == "random":
             return value
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
-            raise SpecError(f"{where}: expected a whole number from 0 to {MAX_SEED} or 'random', got {value!r}")
+            raise SpecError(f"{where}: expected a whole number from 0 to {MAX_SEED} or 'random', got {_show(value)}")
         return value
     if key == "steps":
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_STEPS:
-            raise SpecError(f"{where}: expected a whole number of steps from 1 to {MAX_STEPS}, got {value!r}")
+            raise SpecError(f"{where}: expected a whole number of steps from 1 to {MAX_STEPS}, got {_show(value)}")
         return value
     if key == "guidance":
         if not _is_finite(value) or not 0 <= value <= 100:
-            raise SpecError(f"{where}: expected a number from 0 to 100, got {value!r}")
+            raise SpecError(f"{where}: expected a number from 0 to 100, got {_show(value)}")
         return float(value)
     if key in ("width", "height"):
         if not isinstance(value, int) or isinstance(value, bool) or not 8 <= value <= MAX_SIZE or value % 8:
-            raise SpecError(f"{where}: expected a multiple of 8 from 8 to {MAX_SIZE} pixels, got {value!r}")
+            raise SpecError(f"{where}: expected a multiple of 8 from 8 to {MAX_SIZE} pixels, got {_show(value)}")
         return value
     if key == "scheduler":
         if value not in SCHEDULERS:
-            raise SpecError(f"{where}: unknown scheduler {value!r}; expected one of {', '.join(SCHEDULERS)}")
+            raise SpecError(f"{where}: unknown scheduler {_show(value)}; expected one of {', '.join(SCHEDULERS)}")
         return value
     if key == "model":
         if not isinstance(value, str) or not is_known_model_ref(value):
             raise SpecError(
-                f"{where}: unknown model {value!r}; expected a preset ({', '.join(PRESETS)}), "
+                f"{where}: unknown model {_show(value)}; expected a preset ({', '.join(PRESETS)}), "
                 "a diffusers folder, a .safetensors file or a hub id (org/name)"
             )
         return value
@@ -731,7 +743,7 @@ def check_technique(key: str, value: Any, where: str) -> Any:
         return _number(value, where, 0.0, MAX_PERTURB_SCALE)
     if key == "start_step":
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_STEPS:
-            raise SpecError(f"{where}: expected a whole step number from 0 to the task's steps, got {value!r}")
+            raise SpecError(f"{where}: expected a whole step number from 0 to the task's steps, got {_show(value)}")
         return value
     if key == "init_image":
         if value is not None and (not isinstance(value, str) or not value):
@@ -740,7 +752,7 @@ def check_technique(key: str, value: Any, where: str) -> Any:
     if key in ("mix_mode", "long_prompt"):
         choices = MIX_MODES if key == "mix_mode" else LONG_PROMPT_MODES
         if value not in choices:
-            raise SpecError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+            raise SpecError(f"{where}: expected one of {', '.join(choices)}, got {_show(value)}")
         return value
     if key == "mix":
         return tuple(
@@ -762,7 +774,7 @@ def check_technique(key: str, value: Any, where: str) -> Any:
         kinds = [value] if isinstance(value, str) else _list(value, where, "kinds", allow_empty=True)
         for i, kind in enumerate(kinds):
             if kind not in CAPTURE_KINDS:
-                raise SpecError(f"{where}[{i}]: expected one of {', '.join(CAPTURE_KINDS)}, got {kind!r}")
+                raise SpecError(f"{where}[{i}]: expected one of {', '.join(CAPTURE_KINDS)}, got {_show(kind)}")
         if len(set(kinds)) != len(kinds):
             raise SpecError(f"{where}: each kind once")
         return tuple(kinds)
@@ -771,7 +783,7 @@ def check_technique(key: str, value: Any, where: str) -> Any:
 
 def _number(value: Any, where: str, low: float, high: float) -> float:
     if not _is_finite(value) or not low <= value <= high:
-        raise SpecError(f"{where}: expected a number from {low:g} to {high:g}, got {value!r}")
+        raise SpecError(f"{where}: expected a number from {low:g} to {high:g}, got {_show(value)}")
     return float(value)
 
 
@@ -833,8 +845,8 @@ def _parse_embedding(value: Any, where: str) -> Embedding:
 def _parse_loss(value: Any, where: str) -> GuidanceLoss:
     loss = _mapping(value, where, ("name", "target", "scale", "every"), ("name",))
     name = loss["name"]
-    if name != "color" and (not isinstance(name, str) or not CUSTOM_LOSS.match(name)):
-        raise SpecError(f"{where}.name: expected color or module:function, got {name!r}")
+    if name != "color" and (not isinstance(name, str) or not CUSTOM_LOSS.fullmatch(name)):
+        raise SpecError(f"{where}.name: expected color or module:function, got {_show(name)}")
     target = loss.get("target", [])
     if not isinstance(target, list) or not all(t is None or _is_finite(t) for t in target):
         raise SpecError(f"{where}.target: expected a list of numbers (null to leave a channel free)")
@@ -844,13 +856,21 @@ def _parse_loss(value: Any, where: str) -> GuidanceLoss:
         raise SpecError(f"{where}.target: expected [red, green, blue], each from 0 to 1 or null, at least one number")
     every = loss.get("every", DEFAULT_LOSS_EVERY)
     if not isinstance(every, int) or isinstance(every, bool) or not 1 <= every <= MAX_STEPS:
-        raise SpecError(f"{where}.every: expected a whole number of steps from 1 to {MAX_STEPS}, got {every!r}")
+        raise SpecError(f"{where}.every: expected a whole number of steps from 1 to {MAX_STEPS}, got {_show(every)}")
     return GuidanceLoss(
         name=name,
         target=tuple(None if t is None else float(t) for t in target),
         scale=_number(loss.get("scale", DEFAULT_LOSS_SCALE), f"{where}.scale", 0.0, 1e6),
         every=every,
     )
+
+
+# Error messages quote a value only this far: a YAML anchor bomb is small as a graph of
+# shared objects but exponential as text, and a plain repr() would expand it.
+def _show(value: Any) -> str:
+    shown = reprlib.Repr()  # Python 3.11's Repr takes no arguments: set the limits one by one
+    shown.maxlevel, shown.maxlist, shown.maxdict, shown.maxstring, shown.maxother, shown.maxlong = 2, 4, 4, 300, 60, 40
+    return shown.repr(value)
 
 
 def _kind(value: Any) -> str:
