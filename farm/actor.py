@@ -119,6 +119,10 @@ class BatchRenderer:
             self.model_ref = model_ref
         return self.info()
 
+    def ready(self) -> bool:
+        """Answers once the actor is up (the driver asks a restarted actor before giving it work)."""
+        return True
+
     def info(self) -> dict[str, Any]:
         c = self.components
         return {
@@ -152,36 +156,60 @@ class BatchRenderer:
         """Render one batch, write each PNG (and captured frames), and return the manifest rows.
 
         A task whose inputs cannot be used (an unreadable init image, a prompt the model
-        cannot encode) gets a failed row with its error; the rest of the batch renders, and
-        their rows record the smaller batch actually rendered (its own ``batch_id``). Tasks
-        in ``skip`` (already done) are neither rendered nor written.
+        cannot encode) gets a failed row with its error; the rest of the batch renders. Out
+        of GPU memory, the batch is split in halves and each rendered on its own. Either way
+        rows record the batch actually rendered (its own ``batch_id``, size and index).
+        Tasks in ``skip`` (already done) are neither rendered nor written.
         """
-        from farm.render import TaskInputError, render_batch
-
         self.load(batch.tasks[0].model)
         todo = [t for t in batch.tasks if t.task_id not in skip]
         errors: dict[str, str] = {}
         init_images = {t.task_id: self.read_init_image(t, errors) for t in todo if t.init_image}
-        start = time.perf_counter()
-        while True:
-            live = [t for t in todo if t.task_id not in errors]
-            if not live:
-                result = None
-                break
-            try:
-                result = render_batch(self.components, live, [init_images.get(t.task_id) for t in live])
-                break
-            except TaskInputError as exc:  # raised before denoising: drop those tasks and go again
-                errors.update({live[i].task_id: message for i, message in exc.errors.items()})
+        rendered = self.render_tasks(todo, init_images, errors)
         rows = [
             base_row(self.job, task, batch, i) | {"status": "failed", "error": errors[task.task_id]}
             for i, task in enumerate(batch.tasks)
             if task.task_id in errors
         ]
-        if result is not None:
-            seconds = (time.perf_counter() - start) / len(live)
-            rows += self.write_outputs(Batch.of(live), result, seconds)
+        for part, result, seconds in rendered:
+            rows += self.write_outputs(part, result, seconds)
         return rows
+
+    def render_tasks(
+        self, tasks: list[RenderTask], init_images: dict[str, Any], errors: dict[str, str]
+    ) -> list[tuple[Batch, Any, float]]:
+        """Render tasks as one batch -> [(batch rendered, result, seconds per image)].
+
+        Tasks with unusable inputs are noted in ``errors`` and dropped; out of memory, the
+        batch is halved (each half keeps its order, so the split is the same every time).
+        """
+        import torch
+
+        from farm.render import TaskInputError, render_batch
+
+        while True:
+            live = [t for t in tasks if t.task_id not in errors]
+            if not live:
+                return []
+            start = time.perf_counter()
+            try:
+                result = render_batch(self.components, live, [init_images.get(t.task_id) for t in live])
+                return [(Batch.of(live), result, (time.perf_counter() - start) / len(live))]
+            except TaskInputError as exc:  # raised before denoising: drop those tasks and go again
+                errors.update({live[i].task_id: message for i, message in exc.errors.items()})
+                continue
+            except torch.OutOfMemoryError:
+                pass
+            # Out of memory. Past the except block, the error's traceback (and the tensors its
+            # frames hold) is gone, so the memory can be given back before the smaller retry.
+            free_device_memory()
+            if len(live) == 1:
+                errors[live[0].task_id] = f"out of {self.components.device} memory rendering this task alone"
+                return []
+            half = (len(live) + 1) // 2
+            return self.render_tasks(live[:half], init_images, errors) + self.render_tasks(
+                live[half:], init_images, errors
+            )
 
     def read_init_image(self, task: RenderTask, errors: dict[str, str]) -> Any:
         """The task's init image fitted to its size, or None with the error noted."""
@@ -246,6 +274,17 @@ class BatchRenderer:
         data = encode_png(pixels, meta)
         storage.write_bytes(self.filesystem, storage.join(self.base, relpath), data)
         return sha256_bytes(data)
+
+
+def free_device_memory() -> None:
+    """Give cached GPU memory back after an out-of-memory error, before a smaller retry."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _json(value: Any) -> str:

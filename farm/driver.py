@@ -35,6 +35,13 @@ DEFAULT_BATCH_SIZE = 8
 # Parallelism on CPU comes from actors instead (one per core by default).
 CPU_THREADS = 1
 DEFAULT_RETRIES = 2
+# An actor that died rests before it is asked whether Ray has restarted it: a restart
+# imports torch and loads the model (seconds), and calls before that fail at once.
+ACTOR_REST_SECONDS = 1.0
+MAX_ACTOR_REST_SECONDS = 30.0
+# A batch whose actors keep dying (it crashes them, or the cluster is going away) fails
+# after this many lost actors rather than loop for ever.
+MAX_ACTOR_LOSSES = 5
 JOB_FILE = "job.yaml"
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -181,6 +188,8 @@ def start_actors(spec: JobSpec, root: str, options: RenderOptions, first_model: 
         num_gpus=1 if gpus else 0,
         # More actors than CPUs still all start (sharing cores) rather than wait forever.
         num_cpus=min(1.0, cpus / count),
+        # Across nodes rather than packed: a lost node takes as few actors with it as it can.
+        scheduling_strategy="SPREAD",
         max_restarts=-1,
         max_task_retries=0,
     )(BatchRenderer)
@@ -289,16 +298,27 @@ def dispatch(
     options: RenderOptions,
     summary: Summary,
 ) -> None:
-    """Keep every actor busy, retry failures, and write manifest parts as results stream in."""
+    """Keep every actor busy, retry failures, and write manifest parts as results stream in.
+
+    Two kinds of failure. A batch whose render raised is retried up to ``options.retries``
+    times, then gets failed rows. An actor that died (killed, or its node lost) is not the
+    batch's fault: its batches go back to the queue for the other actors without using up
+    their retries (up to MAX_ACTOR_LOSSES per batch, so a batch that kills every actor it
+    meets still ends), and the actor gets no work until Ray has restarted it and it answers.
+    """
     import ray
-    from ray.exceptions import RayError
+    from ray.exceptions import RayActorError, RayError
     from tqdm import tqdm
 
-    retry: deque[tuple[Batch, int]] = deque()
-    in_flight: dict[Any, tuple[int, Batch, int]] = {}
+    retry: deque[tuple[Batch, int, int]] = deque()  # batch, render failures, actor losses
+    in_flight: dict[Any, tuple[int, Batch, int, int]] = {}
     load = [0] * len(actors)
+    resting: dict[int, float] = {}  # actor index -> when to ask it whether it is back
+    rests = [0] * len(actors)  # consecutive failed asks, for the back-off
+    probes: dict[Any, int] = {}  # ready() calls in flight -> actor index
     buffer: list[dict[str, Any]] = []
     last_flush = time.monotonic()
+    exhausted = False
     bar = tqdm(total=todo, unit="img", disable=not options.progress, dynamic_ncols=True, desc=spec.name)
 
     def flush() -> None:
@@ -308,51 +328,88 @@ def dispatch(
             buffer.clear()
         last_flush = time.monotonic()
 
-    def next_batch() -> tuple[Batch, int] | None:
+    def next_batch() -> tuple[Batch, int, int] | None:
+        nonlocal exhausted
         if retry:
             return retry.popleft()
         batch = next(batches, None)
-        return (batch, 0) if batch else None
+        exhausted = batch is None
+        return (batch, 0, 0) if batch else None
+
+    def rest(index: int) -> None:
+        resting[index] = time.monotonic() + min(ACTOR_REST_SECONDS * 2 ** rests[index], MAX_ACTOR_REST_SECONDS)
+        rests[index] += 1
+
+    def record(rows: list[dict[str, Any]]) -> None:
+        fresh = [r for r in rows if r["task_id"] not in done]
+        images = [r for r in fresh if r.get("capture") is None]  # the rest are step captures
+        done.update(r["task_id"] for r in images if r["status"] == "ok")
+        buffer.extend(fresh)
+        ok = sum(r["status"] == "ok" for r in images)
+        summary.rendered += ok
+        summary.failed += len(images) - ok
+        summary.errors.extend(r["error"] for r in images if r["status"] != "ok" and r["error"] not in summary.errors)
+        bar.update(len(images))
 
     try:
         while True:
-            # Fill every actor up to its in-flight limit.
+            now = time.monotonic()
             for index, actor in enumerate(actors):
+                if index in resting:
+                    # Ask a resting actor whether it is back (once its rest is over).
+                    if resting[index] <= now and index not in probes.values():
+                        probes[actor.ready.remote()] = index
+                    continue
+                # Fill every awake actor up to its in-flight limit.
                 while load[index] < IN_FLIGHT_PER_ACTOR and (item := next_batch()):
-                    batch, attempt = item
+                    batch, failures, losses = item
                     # Tasks already done (the rest of the batch failed an input check
                     # before) are not rendered again: their images stay as their rows say.
                     skip = frozenset(t.task_id for t in batch.tasks if t.task_id in done)
-                    in_flight[actor.render.remote(batch, skip)] = (index, batch, attempt)
+                    in_flight[actor.render.remote(batch, skip)] = (index, batch, failures, losses)
                     load[index] += 1
-            if not in_flight:
+            if not in_flight and not retry and exhausted:
                 break
-            # Wake for a result, or when buffered rows are due; with nothing buffered, just wait.
-            due = options.flush_seconds - (time.monotonic() - last_flush)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=max(0.0, due) if buffer else None)
+            # Wake for a result or an answer, when buffered rows are due, or when a rest ends.
+            wakes = [t for i, t in resting.items() if i not in probes.values()]
+            if buffer:
+                wakes.append(last_flush + options.flush_seconds)
+            timeout = max(0.0, min(wakes) - time.monotonic()) if wakes else None
+            waiting = list(in_flight) + list(probes)
+            if not waiting:
+                time.sleep(timeout or 0.0)
+                continue
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
             for ref in ready:
-                index, batch, attempt = in_flight.pop(ref)
+                if ref in probes:
+                    index = probes.pop(ref)
+                    try:
+                        ray.get(ref)
+                        del resting[index]
+                        rests[index] = 0
+                    except RayError:
+                        rest(index)
+                    continue
+                index, batch, failures, losses = in_flight.pop(ref)
                 load[index] -= 1
                 try:
                     rows = ray.get(ref)
-                except RayError as exc:  # the task raised, or its actor or worker died
+                except RayActorError as exc:  # the actor died or is restarting: not the batch's fault
+                    rest(index)
+                    if losses < MAX_ACTOR_LOSSES:
+                        retry.append((batch, failures, losses + 1))
+                        continue
+                    message = f"lost {losses + 1} actors rendering this batch; last: {error_message(exc)}"
+                    rows = failed_rows(spec.name, batch, message)
+                    summary.errors.append(message)
+                except RayError as exc:  # the render raised
                     message = error_message(exc)
-                    if attempt < options.retries:
-                        retry.append((batch, attempt + 1))
+                    if failures < options.retries:
+                        retry.append((batch, failures + 1, losses))
                         continue
                     rows = failed_rows(spec.name, batch, message)
                     summary.errors.append(message)
-                fresh = [r for r in rows if r["task_id"] not in done]
-                images = [r for r in fresh if r.get("capture") is None]  # the rest are step captures
-                done.update(r["task_id"] for r in images if r["status"] == "ok")
-                buffer.extend(fresh)
-                ok = sum(r["status"] == "ok" for r in images)
-                summary.rendered += ok
-                summary.failed += len(images) - ok
-                summary.errors.extend(
-                    r["error"] for r in images if r["status"] != "ok" and r["error"] not in summary.errors
-                )
-                bar.update(len(images))
+                record(rows)
             if len(buffer) >= FLUSH_ROWS or time.monotonic() - last_flush >= options.flush_seconds:
                 flush()
     finally:
