@@ -1,0 +1,32 @@
+"""Safety: nothing listens beyond what Ray needs, prompts never become paths."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from farm import driver
+from farm.actor import base_row, frame_relpath, image_relpath
+from farm.spec import Batch, RenderTask
+
+
+def test_embedded_ray_serves_no_dashboard(monkeypatch):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    assert driver.start_ray(None) is True
+    (kwargs,) = calls
+    # "local" always starts a new Ray (never joins one named by RAY_ADDRESS), without a dashboard
+    assert kwargs["address"] == "local" and kwargs["include_dashboard"] is False
+
+
+@pytest.mark.parametrize("prompt", ["../../etc/passwd", "/abs/path", "a\x00b", "images/../../x", "C:\\win"])
+def test_prompts_never_become_paths(prompt):
+    task = RenderTask("tiny", "euler", prompt, prompt, 1, 2, 7.5, 64, 64)
+    row = base_row("job", task, Batch.of([task]), 0)
+    assert re.fullmatch(r"images/[0-9a-f]{20}\.png", row["image_path"])
+    assert row["image_path"] == image_relpath(task.task_id)
+    assert re.fullmatch(r"frames/[0-9a-f]{20}/latents-0003\.png", frame_relpath(task.task_id, "latents", 3))
