@@ -46,6 +46,13 @@ def main() -> None:
     help="Model dtype (auto: float16 on CUDA, float32 on CPU).",
 )
 @click.option(
+    "--device",
+    type=click.Choice(["auto", "cuda", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="Actors on GPUs or CPUs (auto: GPUs if the cluster has any now; cuda also before an autoscaler adds them).",
+)
+@click.option(
     "--flush-seconds",
     type=click.FloatRange(min=0),
     default=5.0,
@@ -62,6 +69,7 @@ def render(
     actors: int | None,
     batch_size: int,
     dtype: str,
+    device: str,
     flush_seconds: float,
     allow_pickle: bool,
     dry_run: bool,
@@ -94,6 +102,7 @@ def render(
         batch_size=batch_size,
         dtype=dtype,
         flush_seconds=flush_seconds,
+        device=device,
         allow_pickle=allow_pickle,
         progress=not no_progress,
     )

@@ -58,6 +58,7 @@ class RenderOptions:
     actors: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     dtype: str = "auto"
+    device: str = "auto"  # auto, cuda or cpu: what the actors run on (plan_actors)
     allow_pickle: bool = False
     retries: int = DEFAULT_RETRIES
     flush_seconds: float = FLUSH_SECONDS
@@ -177,26 +178,50 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ActorPlan:
+    count: int
+    num_gpus: int
+    num_cpus: float
+    threads: int | None  # torch threads per actor; None leaves torch's default (GPU actors)
+
+
+def plan_actors(resources: dict[str, float], options: RenderOptions) -> ActorPlan:
+    """How many actors, and what each asks Ray for, from the cluster's resources and the options.
+
+    ``--device auto``: one actor per GPU where the cluster has GPUs now, else one single-threaded
+    actor per CPU. ``cuda``: GPU actors even before any GPU node is up (an autoscaling cluster
+    adds nodes for them), so ``--actors`` is needed when there is none yet. ``cpu``: CPU actors.
+    """
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1)) or 1
+    use_gpu = options.device == "cuda" or (options.device == "auto" and gpus > 0)
+    if use_gpu:
+        count = options.actors or gpus
+        if not count:
+            raise FarmError("--device cuda: the cluster has no GPU yet; give --actors N and it scales up for them")
+        return ActorPlan(count, 1, 1.0, None)
+    count = options.actors or cpus
+    # More actors than CPUs still all start (sharing cores) rather than wait forever.
+    return ActorPlan(count, 0, min(1.0, cpus / count), CPU_THREADS)
+
+
 def start_actors(spec: JobSpec, root: str, options: RenderOptions, first_model: str) -> list[Any]:
-    """One actor per GPU where the cluster has GPUs, else one single-threaded actor per CPU."""
+    """Start the render actors (see plan_actors); each loads the first model before any batch."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    count = options.actors or gpus or cpus
+    plan = plan_actors(ray.cluster_resources(), options)
     remote = ray.remote(
-        num_gpus=1 if gpus else 0,
-        # More actors than CPUs still all start (sharing cores) rather than wait forever.
-        num_cpus=min(1.0, cpus / count),
+        num_gpus=plan.num_gpus,
+        num_cpus=plan.num_cpus,
         # Across nodes rather than packed: a lost node takes as few actors with it as it can.
         scheduling_strategy="SPREAD",
         max_restarts=-1,
         max_task_retries=0,
     )(BatchRenderer)
-    threads = None if gpus else CPU_THREADS
     actors = [
-        remote.remote(spec.name, root, options.dtype, options.allow_pickle, spec.model_config, threads)
-        for _ in range(count)
+        remote.remote(spec.name, root, options.dtype, options.allow_pickle, spec.model_config, plan.threads)
+        for _ in range(plan.count)
     ]
     try:
         ray.get([a.load.remote(first_model) for a in actors])

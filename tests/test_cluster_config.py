@@ -74,7 +74,7 @@ def _set(config: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ("aws", "available_node_types.gpu_worker.resources", {"GPU": -1}, jsonschema.ValidationError),
         ("aws", "provider.security_group.IpPermission", [], jsonschema.ValidationError),  # misspelt key
         ("aws", "head_node_type", "no_such_type", ValueError),
-        ("aws", "max_workers", 0, ValueError),  # below the gpu_worker's min_workers
+        ("aws", "available_node_types.gpu_worker.min_workers", 9, ValueError),  # above max_workers (8)
         ("onprem", "dashboard_host", "127.0.0.1", jsonschema.ValidationError),  # not a cluster key
         ("onprem", "auth.ssh_key", "~/.ssh/id_ed25519", jsonschema.ValidationError),
     ],
@@ -257,7 +257,7 @@ def test_aws_head_takes_no_render_work() -> None:
     assert head["resources"] == {"CPU": 0}
     (worker,) = [t for n, t in types.items() if n != config["head_node_type"]]
     assert worker["resources"]["GPU"] == 1
-    assert 1 <= worker["min_workers"] <= worker["max_workers"] <= config["max_workers"]
+    assert 0 <= worker["min_workers"] <= worker["max_workers"] <= config["max_workers"]
     assert config["provider"]["cache_stopped_nodes"] is False
 
 

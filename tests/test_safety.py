@@ -30,3 +30,27 @@ def test_prompts_never_become_paths(prompt):
     assert re.fullmatch(r"images/[0-9a-f]{20}\.png", row["image_path"])
     assert row["image_path"] == image_relpath(task.task_id)
     assert re.fullmatch(r"frames/[0-9a-f]{20}/latents-0003\.png", frame_relpath(task.task_id, "latents", 3))
+
+
+# ---------------------------------------------------------------------------------------
+# How many actors, on what (farm.driver.plan_actors)
+
+
+@pytest.mark.parametrize(
+    ("resources", "options", "plan"),
+    [
+        ({"CPU": 2}, {}, (2, 0, 1.0, 1)),  # a laptop: one single-threaded actor per core
+        ({"CPU": 2}, {"actors": 4}, (4, 0, 0.5, 1)),  # more actors than cores still all start
+        ({"CPU": 16, "GPU": 4}, {}, (4, 1, 1.0, None)),  # one per GPU
+        ({"CPU": 16, "GPU": 4}, {"device": "cpu"}, (16, 0, 1.0, 1)),
+        ({"CPU": 4}, {"device": "cuda", "actors": 8}, (8, 1, 1.0, None)),  # the autoscaler adds GPUs
+    ],
+)
+def test_actor_plan(resources, options, plan):
+    got = driver.plan_actors(resources, driver.RenderOptions(**options))
+    assert (got.count, got.num_gpus, got.num_cpus, got.threads) == plan
+
+
+def test_cuda_actors_on_a_cluster_without_gpus_need_a_count():
+    with pytest.raises(driver.FarmError, match="--device cuda: the cluster has no GPU yet; give --actors N"):
+        driver.plan_actors({"CPU": 4}, driver.RenderOptions(device="cuda"))
