@@ -67,7 +67,8 @@ def ray_session(tiny_path: Path):
     """One local Ray for the whole session (starting Ray costs seconds)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # address="local": a new Ray even if another is running here (never join a stray one)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -19,8 +19,8 @@ from farm.driver import RenderOptions, run_job
 from farm.manifest import read_manifest
 from farm.spec import parse_job
 
+# 48 tasks of a few seconds' work in all: long enough to lose a node (or an actor) mid-job.
 JOB = """
-name: node-loss
 model: tiny
 scheduler: euler
 defaults: {negative_prompt: blurry, steps: 8, width: 128, height: 128}
@@ -28,6 +28,12 @@ sweep:
   prompt: [a cute dog, a puppy, a skunk]
   seed: {range: [0, 16]}
 """
+
+
+def job(name: str) -> str:
+    return f"name: {name}\n" + JOB
+
+
 NODE_CPUS = 2  # room on the two surviving nodes for the lost node's actor to restart
 
 
@@ -41,10 +47,18 @@ def remove_when_rendering(cluster: Cluster, node, manifest: Path, done: dict) ->
 
 def main(out: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS})
+    try:
+        render_and_remove_a_node(cluster, out)
+    finally:  # never leave a cluster behind for the next test to stumble on
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def render_and_remove_a_node(cluster: Cluster, out: str) -> None:
     workers = [cluster.add_node(num_cpus=NODE_CPUS) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    spec = parse_job(JOB)
+    spec = parse_job(job("node-loss"))
     options = RenderOptions(
         out=out, address=cluster.address, actors=3, batch_size=4, flush_seconds=0, retries=3, progress=False
     )
@@ -72,8 +86,6 @@ def main(out: str) -> None:
             }
         )
     )
-    ray.shutdown()
-    cluster.shutdown()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fault_cluster import job
 
 from farm.actor import BatchRenderer
 from farm.driver import RenderOptions, run_job
@@ -29,16 +30,6 @@ from farm.spec import Batch, parse_job
 pytestmark = pytest.mark.slow
 
 ACTOR_TITLE = b"ray::BatchRenderer"  # Ray titles an actor's worker process after its class
-
-KILL_JOB = """
-name: actor-kill
-model: tiny
-scheduler: euler
-defaults: {negative_prompt: blurry, steps: 8, width: 128, height: 128}
-sweep:
-  prompt: [a cute dog, a puppy, a skunk]
-  seed: {range: [0, 16]}
-"""
 
 
 def actor_pids() -> set[int]:
@@ -67,7 +58,7 @@ def check_outcome(root: Path, task_ids: set[str]) -> dict[str, int]:
 
 
 def test_actor_process_killed_mid_batch(ray_session, tmp_path):
-    spec = parse_job(KILL_JOB)
+    spec = parse_job(job("actor-kill"))
     before = actor_pids()
     manifest = tmp_path / "actor-kill" / "manifest"
     seen: dict[str, object] = {}
