@@ -135,26 +135,118 @@ def render(
 @main.command()
 @click.argument("job_dir", type=str)
 @click.argument("sql", type=str)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def query(job_dir: str, sql: str, fmt: str) -> None:
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    show_default=True,
+    help="Output format; parquet needs -o.",
+)
+@click.option("--output", "-o", default=None, help="Write the result to this file (a path or a pyarrow.fs URI).")
+def query(job_dir: str, sql: str, fmt: str, output: str | None) -> None:
     """Run SQL over JOB_DIR's manifest, visible as the table `manifest`.
 
     Example: farm query out/demo "SELECT seed, guidance, image_path FROM manifest LIMIT 5"
     """
-    import duckdb
-
-    from farm.manifest import format_table, has_manifest
-    from farm.manifest import query as run_query
+    from farm.manifest import ManifestError, run_query
 
     try:
-        if not has_manifest(job_dir):
-            fail(f"{job_dir}: no manifest here (expected a job folder: OUT/<job name>)")
-        table = run_query(job_dir, sql)
-    except duckdb.Error as exc:
-        fail(f"SQL: {str(exc).splitlines()[0]}")
+        text = run_query(job_dir, sql, fmt, output)
+    except ManifestError as exc:
+        fail(str(exc))
+    except (OSError, ArrowException) as exc:
+        fail(f"{output or job_dir}: {exc}")
+    click.echo(text)
+
+
+@main.command()
+@click.argument("out", type=str)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def runs(out: str, fmt: str) -> None:
+    """List the jobs under OUT (an output root: a path or a pyarrow.fs URI), by name.
+
+    Per job: ok and failed image rows, images (tasks with an ok image), captured step frames,
+    and the first and last row's created_at.
+
+    Example: farm runs out
+    """
+    from farm.manifest import ManifestError, format_table
+    from farm.manifest import runs as list_runs
+
+    try:
+        table = list_runs(out)
+    except ManifestError as exc:
+        fail(str(exc))
+    except (OSError, ArrowException) as exc:
+        fail(f"{out}: {exc}")
+    click.echo(format_table(table, fmt))
+
+
+@main.command()
+@click.argument("job_dir", type=str)
+def compact(job_dir: str) -> None:
+    """Merge JOB_DIR's manifest part files into one, sorted by created_at then task_id.
+
+    Safe while others query or render the job: every query answers the same before, during
+    and after. Compacting a compacted job does nothing.
+
+    Example: farm compact out/demo
+    """
+    from farm.manifest import ManifestError
+    from farm.manifest import compact as compact_job
+
+    try:
+        message = compact_job(job_dir)
+    except ManifestError as exc:
+        fail(str(exc))
     except (OSError, ArrowException) as exc:
         fail(f"{job_dir}: {exc}")
-    click.echo(format_table(table, fmt))
+    click.echo(message)
+
+
+@main.command()
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.argument("task_id", required=False)
+@click.option("--diff-dir", default=".", show_default=True, help="Where the re-rendered PNG and the diff image go.")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Default: as recorded."
+)
+@click.option(
+    "--tolerance",
+    type=click.IntRange(0, 255),
+    default=0,
+    show_default=True,
+    help="Exit 0 when no pixel channel differs by more than this (an image rendered alone may differ by 1).",
+)
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle checkpoints (.ckpt, .bin).")
+def reproduce(
+    target: Path, task_id: str | None, diff_dir: str, dtype: str | None, tolerance: int, allow_pickle: bool
+) -> None:
+    """Render an image again and compare: TARGET is a job folder (OUT/<job>) with TASK_ID, or a PNG.
+
+    Exit 0 when identical (or within --tolerance), 1 when different, 2 for bad input.
+
+    Example: farm reproduce out/demo 3f2a9c0d1e2b4a5f6789 --diff-dir /tmp/diff
+    """
+    from farm.reproduce import ReproduceError, reproduce_image, reproduce_task
+
+    try:
+        if target.is_dir():
+            if not task_id:
+                fail(f"{target} is a job folder: give a TASK_ID too (or a PNG instead)")
+            result = reproduce_task(str(target), task_id, diff_dir, allow_pickle=allow_pickle, dtype=dtype)
+        else:
+            if task_id:
+                fail("TASK_ID goes with a job folder, not with a PNG")
+            result = reproduce_image(str(target), diff_dir, allow_pickle=allow_pickle, dtype=dtype)
+    except ReproduceError as exc:
+        fail(str(exc))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(result.summary())
+    within = tolerance > 0 and result.max_difference <= tolerance
+    sys.exit(0 if result.identical or within else 1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,359 @@
+"""Render a recorded image again and compare it with the file (``farm reproduce``).
+
+Two entry points, plain functions without Ray; both render in this process with
+``BatchRenderer`` into a temporary folder:
+
+- ``reproduce_task(job_root, task_id, out_dir)``: from the manifest. The task's whole recorded
+  batch is rendered again (every ok image row with its ``batch_id``, in ``batch_index`` order,
+  each task rebuilt from its row's ``task_json``), so on the same machine kind and dtype the
+  bytes are identical.
+- ``reproduce_image(png_path, out_dir)``: from the PNG's own ``farm`` metadata alone. The PNG
+  knows its batch's id, size and its index, not the other tasks, so it is rendered alone.
+
+"Identical" means the re-rendered PNG's sha256 equals the sha256 of the recorded file (and,
+from the manifest, the row's ``image_sha256`` too). Otherwise the decoded pixels are compared
+and a diff image is written to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from farm import storage
+from farm.actor import frame_relpath, image_relpath
+from farm.images import encode_png, read_png_metadata, sha256_bytes
+from farm.spec import Batch, RenderTask
+
+# Fields of the PNG's ``farm`` chunk that describe where the image sat in its batch.
+PLACEMENT_FIELDS = ("batch_id", "batch_size", "batch_index")
+
+
+class ReproduceError(ValueError):
+    """Bad input for ``farm reproduce``; its message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The outcome of rendering one recorded image again."""
+
+    task_id: str
+    image_path: str  # the recorded file
+    identical: bool  # new sha256 == the file's sha256 (== the row's image_sha256, from a manifest)
+    recorded_sha256: str  # the row's image_sha256 (from a PNG alone: the file's sha256)
+    file_sha256: str  # sha256 of the recorded file's bytes as they are now
+    new_sha256: str  # sha256 of the re-rendered PNG
+    max_difference: int  # largest |new - recorded| over every channel of every pixel, 0..255
+    mean_difference: float  # mean of |new - recorded| over every channel of every pixel
+    diff_path: str | None  # the amplified difference image (None when the pixels are equal)
+    reproduced_path: str | None  # the re-rendered PNG (None when identical)
+    batch_size: int  # size of the batch rendered now
+    rendered_alone: bool  # True: rendered without its batch mates (from a PNG alone)
+    recorded_batch_size: int  # size of the batch recorded
+    warnings: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        layout = "rendered alone" if self.rendered_alone else f"in its recorded batch of {self.batch_size}"
+        if self.identical:
+            return f"{self.task_id}: identical ({layout}, sha256 {self.new_sha256[:12]})"
+        text = (
+            f"{self.task_id}: different ({layout}): max pixel difference {self.max_difference}/255, "
+            f"mean {self.mean_difference:.4g}"
+        )
+        if self.max_difference == 0:
+            text += " (pixels equal; the PNG bytes differ)"
+        if self.diff_path:
+            text += f"; diff image {self.diff_path}"
+        return text
+
+
+def reproduce_task(
+    job_root: str, task_id: str, out_dir: str, allow_pickle: bool = False, dtype: str | None = None
+) -> Comparison:
+    """Render a task's recorded batch again from the manifest and compare its image with the file.
+
+    ``dtype`` defaults to the recorded one. Raises ``ReproduceError`` for a folder without a
+    manifest, an unknown task id, a task without an ok image row, or a task that fails now.
+    """
+    from farm import manifest
+
+    if not manifest.has_manifest(job_root):
+        raise ReproduceError(f"{job_root}: no manifest here (expected {manifest.MANIFEST_DIR}/part-*.parquet)")
+    rows = [r for r in manifest.read_manifest(job_root).to_pylist() if r["capture"] is None]
+    mine = [r for r in rows if r["task_id"] == task_id]
+    if not mine:
+        raise ReproduceError(f"task {task_id!r} is not in the manifest of {job_root}")
+    ok = [r for r in mine if r["status"] == "ok"]
+    if not ok:
+        error = _latest(mine)["error"] or "no error recorded"
+        raise ReproduceError(f"task {task_id} has no image to compare (its row is {_latest(mine)['status']}: {error})")
+    row = _latest(ok)
+    mates: dict[str, dict[str, Any]] = {}
+    for r in sorted(rows, key=_created):
+        if r["status"] == "ok" and r["batch_id"] == row["batch_id"]:
+            mates[r["task_id"]] = r  # a later row for the same task wins
+    members = sorted(mates.values(), key=lambda r: r["batch_index"])
+    tasks = tuple(RenderTask.from_json(r["task_json"]) for r in members)
+    for r, task in zip(members, tasks, strict=True):
+        if task.task_id != r["task_id"]:
+            raise ReproduceError(f"task {r['task_id']}: its row's task_json does not hash to its task_id")
+    warnings = []
+    if [r["batch_index"] for r in members] != list(range(row["batch_size"])):
+        warnings.append(
+            f"the manifest holds {len(members)} of the {row['batch_size']} tasks of batch {row['batch_id']}; "
+            "rendered with those, so the bytes may differ"
+        )
+
+    filesystem, base = storage.open_root(job_root)
+    path = storage.join(base, row["image_path"])
+    try:
+        recorded = storage.read_bytes(filesystem, path)
+    except (OSError, FileNotFoundError) as exc:
+        raise ReproduceError(f"{path}: cannot read the recorded image ({exc})") from exc
+
+    new = _render(
+        Batch(row["batch_id"], tasks),
+        task_id,
+        image_relpath(task_id),
+        dtype or row["dtype"],
+        allow_pickle,
+        row["model_config"],
+        warnings,
+        recorded_hash=row["model_hash"],
+        recorded_device=row["device"],
+    )
+    return _compare(
+        task_id,
+        path,
+        recorded,
+        new,
+        out_dir,
+        recorded_sha256=row["image_sha256"],
+        batch_size=len(tasks),
+        rendered_alone=False,
+        recorded_batch_size=row["batch_size"],
+        warnings=warnings,
+    )
+
+
+def reproduce_image(
+    png_path: str,
+    out_dir: str,
+    allow_pickle: bool = False,
+    model_config: str | None = None,
+    dtype: str | None = None,
+) -> Comparison:
+    """Render an image again from nothing but its PNG's ``farm`` metadata and compare.
+
+    The PNG holds its task and its placement (batch id, size, index) but not the other tasks of
+    its batch, so the task is rendered alone. Rendered alone, an image may differ from its
+    batch render by the small tolerance the README states from measurement (at most 1/255 in
+    a channel on ``tiny``, float32, CPU); only an image recorded in a batch of one is expected
+    to be identical. So that a different placement does not by itself change the bytes, the
+    new pixels are encoded with the recorded placement fields (``batch_id``, ``batch_size``,
+    ``batch_index``) in the metadata; everything else (model hash, dtype, scheduler config) is
+    what this render produced. A captured step frame (``capture``/``step_index`` in its
+    metadata) is compared with the same frame of the new render.
+
+    ``dtype`` defaults to the recorded one; ``model_config`` is the job's ``model_config`` (the
+    PNG does not hold it; only single-file checkpoints need it).
+    """
+    try:
+        recorded = Path(png_path).read_bytes()
+    except OSError as exc:
+        raise ReproduceError(f"{png_path}: {exc.strerror or exc}") from exc
+    try:
+        meta = read_png_metadata(recorded)
+    except ValueError as exc:  # no farm chunk, or bad JSON in it
+        raise ReproduceError(f"{png_path}: {exc}; farm reproduce needs a PNG written by farm") from exc
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for a file that is no PNG
+        raise ReproduceError(f"{png_path}: not a readable PNG ({exc})") from exc
+    try:
+        task = RenderTask.from_dict(meta["task"])
+        recorded_batch_size = int(meta["batch_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReproduceError(f"{png_path}: its farm metadata is incomplete ({exc})") from exc
+    if task.task_id != meta.get("task_id"):
+        raise ReproduceError(f"{png_path}: its farm metadata's task does not hash to its task_id")
+    capture = meta.get("capture")
+    relpath = (
+        image_relpath(task.task_id) if capture is None else frame_relpath(task.task_id, capture, meta["step_index"])
+    )
+
+    warnings: list[str] = []
+    new = _render(
+        Batch.of([task]),
+        task.task_id,
+        relpath,
+        dtype or meta.get("dtype") or "auto",
+        allow_pickle,
+        model_config,
+        warnings,
+        recorded_hash=meta.get("model_hash"),
+        recorded_device=None,
+    )
+    if recorded_batch_size != 1:
+        new_meta = read_png_metadata(new)
+        new_meta.update({k: meta[k] for k in PLACEMENT_FIELDS if k in meta})
+        new = encode_png(_pixels(new), new_meta)
+    return _compare(
+        task.task_id,
+        str(png_path),
+        recorded,
+        new,
+        out_dir,
+        recorded_sha256=sha256_bytes(recorded),
+        batch_size=1,
+        rendered_alone=True,
+        recorded_batch_size=recorded_batch_size,
+        warnings=warnings,
+    )
+
+
+def _render(
+    batch: Batch,
+    task_id: str,
+    relpath: str,
+    dtype: str,
+    allow_pickle: bool,
+    model_config: str | None,
+    warnings: list[str],
+    recorded_hash: str | None,
+    recorded_device: str | None,
+) -> bytes:
+    """Render a batch in this process into a temporary folder; the bytes of task_id's PNG at relpath."""
+    import torch
+
+    from farm.actor import BatchRenderer
+    from farm.models import ModelError, pick_device
+
+    device = pick_device()
+    threads = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory(prefix="farm-reproduce-") as folder:
+            # CPU actors run one torch thread (README, "Reproducibility"); GPU actors keep the default.
+            renderer = BatchRenderer(
+                "reproduce", folder, dtype, allow_pickle, model_config, 1 if device == "cpu" else None
+            )
+            try:
+                info = renderer.load(batch.tasks[0].model)
+            except ModelError as exc:
+                raise ReproduceError(f"model {batch.tasks[0].model}: {exc}") from exc
+            if recorded_hash and info["model_hash"] != recorded_hash:
+                warnings.append(
+                    f"the model {batch.tasks[0].model!r} now hashes to {info['model_hash'][:12]}, "
+                    f"recorded {recorded_hash[:12]}: it is not the model that rendered the image"
+                )
+            if recorded_device and recorded_device != info["device"]:
+                warnings.append(
+                    f"recorded on {recorded_device}, rendered now on {info['device']}: "
+                    "bytes match only on the same machine kind"
+                )
+            rows = renderer.render(batch)
+            failed = [r for r in rows if r["task_id"] == task_id and r["status"] != "ok"]
+            if failed:
+                raise ReproduceError(f"task {task_id} failed to render again: {failed[0]['error']}")
+            return Path(folder, relpath).read_bytes()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(
+    task_id: str,
+    path: str,
+    recorded: bytes,
+    new: bytes,
+    out_dir: str,
+    *,
+    recorded_sha256: str,
+    batch_size: int,
+    rendered_alone: bool,
+    recorded_batch_size: int,
+    warnings: list[str],
+) -> Comparison:
+    file_sha = sha256_bytes(recorded)
+    new_sha = sha256_bytes(new)
+    if file_sha != recorded_sha256:
+        warnings.append(
+            f"the file {path} changed since it was recorded (sha256 {file_sha[:12]}, manifest {recorded_sha256[:12]})"
+        )
+    identical = new_sha == file_sha == recorded_sha256
+    max_diff, mean_diff, diff_path, reproduced_path = 0, 0.0, None, None
+    if not identical:
+        try:
+            old_pixels = _pixels(recorded)
+        except Exception as exc:  # noqa: BLE001 - the recorded file may be anything now
+            old_pixels = None
+            warnings.append(f"the recorded file is not a readable image ({exc})")
+        new_pixels = _pixels(new)
+        os.makedirs(out_dir, exist_ok=True)
+        reproduced_path = os.path.join(out_dir, f"{task_id}.reproduced.png")
+        Path(reproduced_path).write_bytes(new)
+        if old_pixels is None or old_pixels.shape != new_pixels.shape:
+            if old_pixels is not None:
+                warnings.append(f"sizes differ: recorded {old_pixels.shape[1::-1]}, new {new_pixels.shape[1::-1]}")
+            max_diff, mean_diff = 255, 255.0
+        else:
+            diff = np.abs(old_pixels.astype(np.int16) - new_pixels.astype(np.int16)).astype(np.uint8)
+            max_diff, mean_diff = int(diff.max()), float(diff.mean())
+            if max_diff:
+                diff_path = os.path.join(out_dir, f"{task_id}.diff.png")
+                Path(diff_path).write_bytes(diff_image(diff))
+    return Comparison(
+        task_id=task_id,
+        image_path=path,
+        identical=identical,
+        recorded_sha256=recorded_sha256,
+        file_sha256=file_sha,
+        new_sha256=new_sha,
+        max_difference=max_diff,
+        mean_difference=mean_diff,
+        diff_path=diff_path,
+        reproduced_path=reproduced_path,
+        batch_size=batch_size,
+        rendered_alone=rendered_alone,
+        recorded_batch_size=recorded_batch_size,
+        warnings=tuple(warnings),
+    )
+
+
+def diff_image(diff: np.ndarray) -> bytes:
+    """The absolute per-channel difference as a PNG, stretched linearly so the largest
+    difference is 255 (white) and equal pixels are 0 (black): a difference of 1 is visible."""
+    from PIL import Image
+
+    peak = int(diff.max())
+    scaled = diff if peak == 0 else np.round(diff.astype(np.float32) * (255.0 / peak)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(scaled, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _created(row: dict[str, Any]) -> Any:
+    return (row["created_at"] is not None, row["created_at"])
+
+
+def _latest(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(rows, key=_created)
+
+
+def comparison_json(result: Comparison) -> str:
+    """The comparison as one JSON line (``farm reproduce --json``)."""
+    from dataclasses import asdict
+
+    return json.dumps(asdict(result), sort_keys=True)
