@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import click
 from pyarrow.lib import ArrowException
@@ -16,12 +18,25 @@ EXIT_BAD_INPUT = 2
 EXIT_TASKS_FAILED = 1
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by Ctrl-C
 DRY_RUN_SHOWN = 10
+T = TypeVar("T")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print one line to stderr and exit 2: bad input never shows a traceback."""
     click.echo(f"error: {message}", err=True)
     sys.exit(EXIT_BAD_INPUT)
+
+
+def on_manifest(where: str, function: Callable[..., T], *args: Any) -> T:
+    """Call a farm.manifest function; its ManifestError, or an I/O error at ``where``, is one line and exit 2."""
+    from farm.manifest import ManifestError
+
+    try:
+        return function(*args)
+    except ManifestError as exc:
+        fail(str(exc))
+    except (OSError, ArrowException) as exc:
+        fail(f"{where}: {exc}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -149,15 +164,9 @@ def query(job_dir: str, sql: str, fmt: str, output: str | None) -> None:
 
     Example: farm query out/demo "SELECT seed, guidance, image_path FROM manifest LIMIT 5"
     """
-    from farm.manifest import ManifestError, run_query
+    from farm.manifest import run_query
 
-    try:
-        text = run_query(job_dir, sql, fmt, output)
-    except ManifestError as exc:
-        fail(str(exc))
-    except (OSError, ArrowException) as exc:
-        fail(f"{output or job_dir}: {exc}")
-    click.echo(text)
+    click.echo(on_manifest(output or job_dir, run_query, job_dir, sql, fmt, output))
 
 
 @main.command()
@@ -171,16 +180,10 @@ def runs(out: str, fmt: str) -> None:
 
     Example: farm runs out
     """
-    from farm.manifest import ManifestError, format_table
+    from farm.manifest import format_table
     from farm.manifest import runs as list_runs
 
-    try:
-        table = list_runs(out)
-    except ManifestError as exc:
-        fail(str(exc))
-    except (OSError, ArrowException) as exc:
-        fail(f"{out}: {exc}")
-    click.echo(format_table(table, fmt))
+    click.echo(format_table(on_manifest(out, list_runs, out), fmt))
 
 
 @main.command()
@@ -193,16 +196,9 @@ def compact(job_dir: str) -> None:
 
     Example: farm compact out/demo
     """
-    from farm.manifest import ManifestError
     from farm.manifest import compact as compact_job
 
-    try:
-        message = compact_job(job_dir)
-    except ManifestError as exc:
-        fail(str(exc))
-    except (OSError, ArrowException) as exc:
-        fail(f"{job_dir}: {exc}")
-    click.echo(message)
+    click.echo(on_manifest(job_dir, compact_job, job_dir))
 
 
 @main.command()
