@@ -245,5 +245,71 @@ def reproduce(
     sys.exit(0 if result.identical or within else 1)
 
 
+def _picture_name(job_dir: str, kind: str) -> str:
+    """The default output file: <job>-<kind>.png in the current folder."""
+    name = job_dir.rstrip("/").rsplit("/", 1)[-1] or "job"
+    return f"{name}-{kind}.png"
+
+
+def _on_sheet(where: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call a farm.video function; SheetError, ManifestError or an I/O error is one line and exit 2."""
+    from farm.video import SheetError
+
+    try:
+        return on_manifest(where, lambda: function(*args, **kwargs))
+    except SheetError as exc:
+        fail(str(exc))
+
+
+def _save_png(image: Any, output: str) -> None:
+    """Write a PNG to a path or a pyarrow.fs URI, atomically."""
+    import io
+
+    from farm import storage
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    filesystem, path = storage.open_root(output)
+    storage.write_bytes(filesystem, path, buffer.getvalue())
+
+
+@main.command()
+@click.argument("job_dir", type=str)
+@click.option("--x", "x", required=True, help="Manifest column along the top (e.g. guidance).")
+@click.option("--y", "y", required=True, help="Manifest column down the left (e.g. seed).")
+@click.option("--where", default=None, help='SQL condition on the manifest\'s rows (e.g. "steps = 30").')
+@click.option("--output", "-o", default=None, help="PNG to write (a path or a URI). Default: <job>-grid.png here.")
+def grid(job_dir: str, x: str, y: str, where: str | None, output: str | None) -> None:
+    """Write an X/Y plot of JOB_DIR's ok images: one cell per (x, y) value pair, the values
+    along the edges, the prompt as the title, at most 4096 px a side.
+
+    Example: farm grid out/demo --x guidance --y seed --where "prompt LIKE '%shiba%'" -o demo-grid.png
+    """
+    from farm.video import xy_plot
+
+    output = output or _picture_name(job_dir, "grid")
+    image, info = _on_sheet(job_dir, xy_plot, job_dir, x, y, where)
+    on_manifest(output, _save_png, image, output)
+    click.echo(info.summary(output))
+
+
+@main.command()
+@click.argument("job_dir", type=str)
+@click.option("--where", default=None, help='SQL condition on the manifest\'s rows (e.g. "seed < 3").')
+@click.option("--columns", type=click.IntRange(min=1), default=None, help="Images per row. Default: square-ish.")
+@click.option("--output", "-o", default=None, help="PNG to write (a path or a URI). Default: <job>-sheet.png here.")
+def sheet(job_dir: str, where: str | None, columns: int | None, output: str | None) -> None:
+    """Write a contact sheet of JOB_DIR's ok images in render order, at most 4096 px a side.
+
+    Example: farm sheet out/demo --where "seed < 3" --columns 4 -o demo-sheet.png
+    """
+    from farm.video import contact_sheet
+
+    output = output or _picture_name(job_dir, "sheet")
+    image, n = _on_sheet(job_dir, contact_sheet, job_dir, where, columns)
+    on_manifest(output, _save_png, image, output)
+    click.echo(f"wrote {output}: {n} images, {image.width}x{image.height} px")
+
+
 if __name__ == "__main__":
     main()
