@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from farm import __version__, storage
+from farm import __version__, metrics, storage
 from farm.images import encode_png, sha256_bytes
 from farm.spec import Batch, Embedding, RenderTask
 
@@ -162,6 +162,7 @@ class BatchRenderer:
         Tasks in ``skip`` (already done) are neither rendered nor written.
         """
         self.load(batch.tasks[0].model)
+        start = time.perf_counter()
         todo = [t for t in batch.tasks if t.task_id not in skip]
         errors: dict[str, str] = {}
         init_images = {t.task_id: self.read_init_image(t, errors) for t in todo if t.init_image}
@@ -173,6 +174,7 @@ class BatchRenderer:
         ]
         for part, result, seconds in rendered:
             rows += self.write_outputs(part, result, seconds)
+        metrics.record_batch(self.job, self.actor_id, rows, time.perf_counter() - start)
         return rows
 
     def render_tasks(

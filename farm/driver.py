@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm import manifest, storage
+from farm import manifest, metrics, storage
 from farm.actor import IMAGES_DIR, BatchRenderer, base_row
 from farm.models import PRESETS, ModelError, resolve_model
 from farm.spec import Batch, JobSpec, RenderTask
@@ -393,6 +393,7 @@ def dispatch(
                     skip = frozenset(t.task_id for t in batch.tasks if t.task_id in done)
                     in_flight[actor.render.remote(batch, skip)] = (index, batch, failures, losses)
                     load[index] += 1
+            metrics.set_queue_depth(spec.name, len(in_flight) + len(retry))
             if not in_flight and not retry and exhausted:
                 break
             # Wake for a result or an answer, when buffered rows are due, or when a rest ends.
@@ -426,6 +427,7 @@ def dispatch(
                         continue
                     message = f"lost {losses + 1} actors rendering this batch; last: {error_message(exc)}"
                     rows = failed_rows(spec.name, batch, message)
+                    metrics.record_failed(spec.name, len(batch.tasks))
                     summary.errors.append(message)
                 except RayError as exc:  # the render raised
                     message = error_message(exc)
@@ -433,6 +435,7 @@ def dispatch(
                         retry.append((batch, failures + 1, losses))
                         continue
                     rows = failed_rows(spec.name, batch, message)
+                    metrics.record_failed(spec.name, len(batch.tasks))
                     summary.errors.append(message)
                 record(rows)
             if len(buffer) >= FLUSH_ROWS or time.monotonic() - last_flush >= options.flush_seconds:
