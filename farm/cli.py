@@ -311,5 +311,21 @@ def sheet(job_dir: str, where: str | None, columns: int | None, output: str | No
     click.echo(f"wrote {output}: {n} images, {image.width}x{image.height} px")
 
 
+@main.command()
+@click.argument("job_dir", type=str)
+@click.option("--output", "-o", default=None, help="Folder to write the gallery to. Default: JOB_DIR/report.")
+def report(job_dir: str, output: str | None) -> None:
+    """Write a static HTML gallery of JOB_DIR's ok images (index.html plus thumbnails): a filter
+    on any column, and a click shows the full image and all its metadata. It needs no server:
+    open index.html from file://.
+
+    Example: farm report out/demo && xdg-open out/demo/report/index.html
+    """
+    from farm.report import write_report
+
+    info = on_manifest(job_dir, write_report, job_dir, output)
+    click.echo(info.summary())
+
+
 if __name__ == "__main__":
     main()
