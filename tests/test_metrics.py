@@ -37,6 +37,18 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+def metrics_port(ray) -> int:
+    """The metrics agent's port of this Ray's node, once the node reports a usable one."""
+    deadline = time.monotonic() + 30
+    port = None
+    while time.monotonic() < deadline:
+        port = ray.nodes()[0].get("MetricsExportPort")
+        if isinstance(port, int) and 0 < port < 65536:
+            return port
+        time.sleep(0.5)
+    raise AssertionError(f"Ray's metrics agent reports no usable port (got {port!r})")
+
+
 def scrape(port: int) -> dict[str, list[str]]:
     """Prometheus text from Ray's metrics agent -> {metric name: its sample lines}."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -156,8 +168,7 @@ def test_every_dashboard_metric_is_exported_during_a_render(ray_session, tmp_pat
     job_file.write_text(METRICS_JOB)
     spec = load_job(job_file)
     Image.new("RGB", (64, 64), (0, 0, 0)).save(tmp_path / "bad.png")
-    port = ray.nodes()[0]["MetricsExportPort"]
-    assert port, "Ray's metrics agent is not running"
+    port = metrics_port(ray)
 
     wanted = set().union(*map(metric_names, dashboard_queries()))
     result: dict[str, object] = {}
@@ -171,7 +182,11 @@ def test_every_dashboard_metric_is_exported_during_a_render(ray_session, tmp_pat
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
         rendering = render.is_alive()
-        seen = scrape(port)
+        try:
+            seen = scrape(port)
+        except OSError:  # the agent may still be starting (URLError is an OSError)
+            time.sleep(0.5)
+            continue
         scrapes_during_render += rendering
         failed = total(seen.get("ray_farm_failures_total", []), job="metricsjob")
         if not rendering and wanted <= set(seen) and failed >= 4:
