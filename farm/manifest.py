@@ -238,7 +238,7 @@ def _sql(filesystem: pafs.FileSystem, base: str, sql: str) -> pa.Table:
 FORMATS = ("table", "csv", "json", "parquet")
 
 
-def _open_job(job_root: str) -> tuple[pafs.FileSystem, str]:
+def open_job(job_root: str) -> tuple[pafs.FileSystem, str]:
     """The file system and base of a job folder, or a one-line ManifestError."""
     filesystem, base = storage.open_root(job_root)
     info = filesystem.get_file_info(base)
@@ -261,7 +261,7 @@ def run_query(job_root: str, sql: str, fmt: str = "table", output: str | None = 
         raise ManifestError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if fmt == "parquet" and not output:
         raise ManifestError("--format parquet writes a binary file: name it with -o/--output FILE")
-    filesystem, base = _open_job(job_root)
+    filesystem, base = open_job(job_root)
     try:
         table = _sql(filesystem, base, sql)
     except duckdb.Error as exc:
@@ -353,7 +353,7 @@ def compact(job_root: str) -> str:
     merges anything. Compacting a job with at most one part is a no-op. Run one compaction
     of a job at a time (two at once could each delete parts the other's merge skipped).
     """
-    filesystem, base = _open_job(job_root)
+    filesystem, base = open_job(job_root)
     folder = storage.join(base, MANIFEST_DIR)
     finished = _finish_pending(filesystem, folder)
     parts = [n for n in _list_names(filesystem, folder) if n.startswith(PART_PREFIX)]

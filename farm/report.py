@@ -71,7 +71,7 @@ def write_report(job_root: str, out_dir: str | None = None, thumb_size: int = TH
     ``out_dir`` defaults to ``<job_root>/report``. ManifestError for a missing or non-job folder.
     """
     job_root = storage.normalise_root(job_root)
-    manifest._open_job(job_root)  # a missing or non-job folder: a one-line ManifestError
+    manifest.open_job(job_root)  # a missing or non-job folder: a one-line ManifestError
     out_dir = storage.normalise_root(out_dir) if out_dir else storage.join(job_root, REPORT_DIR)
     sql = f"SELECT * FROM {manifest.TABLE_NAME} WHERE {_OK_IMAGES} ORDER BY created_at, batch_id, batch_index"
     rows = manifest.query(job_root, sql).to_pylist()

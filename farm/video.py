@@ -172,7 +172,7 @@ def _rows(job_root: str, select: str, where: str | None, order: str) -> list[dic
     """The job's ok image rows matching ``where``; SheetError when it fails or matches none."""
     import duckdb
 
-    manifest._open_job(job_root)  # a missing or non-job folder: a one-line ManifestError
+    manifest.open_job(job_root)  # a missing or non-job folder: a one-line ManifestError
     condition = _OK_IMAGES + (f" AND ({where})" if where and where.strip() else "")
     sql = f"SELECT {select} FROM {manifest.TABLE_NAME} WHERE {condition} ORDER BY {order}"
     try:
