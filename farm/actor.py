@@ -7,6 +7,7 @@ the driver does) stays light.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -214,7 +215,11 @@ class BatchRenderer:
             )
 
     def read_init_image(self, task: RenderTask, errors: dict[str, str]) -> Any:
-        """The task's init image fitted to its size, or None with the error noted."""
+        """The task's init image fitted to its size, or None with the error noted.
+
+        A chained animation frame's init image is its source frame blended with the frame
+        rendered before it, then matched to frame 0's colours (README, "Animation").
+        """
         from farm.images import fit_image
 
         try:
@@ -222,11 +227,43 @@ class BatchRenderer:
                 data = f.read()
             if sha256_bytes(data) != task.init_image_sha256:
                 raise ValueError("the file changed since the job was read (its sha256 differs); rerun the job")
-            return fit_image(data, task.width, task.height)
+            image = fit_image(data, task.width, task.height)
         except (OSError, ValueError) as exc:
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             errors[task.task_id] = f"init_image: {task.init_image}: {message}"
             return None
+        if task.previous is None:
+            return image
+        return self.chain_init_image(task, image, errors)
+
+    def chain_init_image(self, task: RenderTask, source: Any, errors: dict[str, str]) -> Any:
+        """``source`` blended with the previous frame's image, then matched to the reference's colours."""
+        from farm.clips import blend_images, match_colors
+
+        try:
+            image = blend_images(source, self.read_output(task.previous, task), task.blend)  # type: ignore[arg-type]
+            if task.color_reference:
+                image = match_colors(image, self.read_output(task.color_reference, task))
+            return image
+        except (OSError, ValueError) as exc:
+            errors[task.task_id] = str(exc)
+            return None
+
+    def read_output(self, task_id: str, task: RenderTask) -> Any:
+        """The image another task of this job wrote (a chained frame reads the one before it)."""
+        import numpy as np
+        from PIL import Image
+
+        path = storage.join(self.base, image_relpath(task_id))
+        try:
+            data = storage.read_bytes(self.filesystem, path)
+        except (OSError, FileNotFoundError) as exc:
+            raise ValueError(f"frame {task.frame}: the image of {task_id} is missing (did that frame fail?)") from exc
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        if pixels.shape[:2] != (task.height, task.width):
+            raise ValueError(f"frame {task.frame}: {task_id}'s image is {pixels.shape[1]}x{pixels.shape[0]}")
+        return pixels
 
     def write_outputs(self, batch: Batch, result: Any, seconds: float) -> list[dict[str, Any]]:
         """Write every image and captured frame, and return their rows (frames' rows carry ``capture``)."""

@@ -139,6 +139,8 @@ def render(
             f"  start-up {summary.startup:.1f}s (Ray, {summary.actors} actor{'s' if summary.actors != 1 else ''}, "
             f"model load), then {summary.rendering_images_per_second:.2f} images/s"
         )
+    for video, flicker in zip(summary.videos, summary.flicker, strict=True):
+        click.echo(f"  video: {summary.job_root}/{video} (flicker {flicker:.2f}: mean |frame n+1 - frame n|, 0-255)")
     for message in summary.errors[:3]:
         click.echo(f"  failed: {message}", err=True)
     click.echo(f"output: {summary.job_root}")
@@ -309,6 +311,49 @@ def sheet(job_dir: str, where: str | None, columns: int | None, output: str | No
     image, n = _on_sheet(job_dir, contact_sheet, job_dir, where, columns)
     on_manifest(output, _save_png, image, output)
     click.echo(f"wrote {output}: {n} images, {image.width}x{image.height} px")
+
+
+@main.command()
+@click.argument("job_dir", type=str)
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    help="Video to write: .mp4 (H.264), .webm (VP9) or .gif. Default: JOB_DIR/<job>.mp4.",
+)
+@click.option(
+    "--fps",
+    type=click.FloatRange(min=0, min_open=True, max=240),
+    default=None,
+    help="Frames per second. Default: the animation's (its source video's), else 12.",
+)
+@click.option(
+    "--order",
+    default=None,
+    help="Order by this manifest column (e.g. seed). Default: frame, then step_index, then render order.",
+)
+@click.option(
+    "--where",
+    default=None,
+    help='SQL condition on the manifest\'s ok rows (e.g. "seed = 1"). Default: the images, not step captures.',
+)
+@click.option("--side-by-side", is_flag=True, help="Show each frame's source frame (its init image) to the left of it.")
+def video(
+    job_dir: str, output: str | None, fps: float | None, order: str | None, where: str | None, side_by_side: bool
+) -> None:
+    """Stitch JOB_DIR's ok images into a video: an animation's frames in order, a walk, or a
+    step capture (--where "task_id = '...' AND capture = 'x0'").
+
+    Example: farm video out/animate -o animate.mp4 --side-by-side
+    """
+    from farm.clips import ClipError
+    from farm.stitch import StitchError, stitch
+
+    try:
+        result = on_manifest(output or job_dir, stitch, job_dir, output, fps, order, where, side_by_side)
+    except (StitchError, ClipError) as exc:
+        fail(str(exc))
+    click.echo(result.summary())
 
 
 @main.command()

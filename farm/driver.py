@@ -7,7 +7,6 @@ a failed call or a dead actor, and writes manifest parts as rows stream back.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import secrets
@@ -18,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from farm import manifest, metrics, storage
-from farm.actor import IMAGES_DIR, BatchRenderer, base_row
+from farm.actor import IMAGES_DIR, BatchRenderer, base_row, image_relpath
+from farm.clips import ClipError
 from farm.models import PRESETS, ModelError, resolve_model
 from farm.spec import Batch, JobSpec, RenderTask
+from farm.stitch import ANIMATION_FILE, StitchError, write_job_video
 
 # One batch rendering and one queued per actor: the actor never waits for the driver, and
 # no more than two batches of work are lost with it if it dies.
@@ -76,6 +77,8 @@ class Summary:
     startup: float = 0.0  # Ray start + actor start and model load, within elapsed
     actors: int = 0
     errors: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)  # animate and walk jobs: one per shot
+    flicker: list[float] = field(default_factory=list)  # per video: mean |frame n+1 - frame n|, 0-255
 
     @property
     def images_per_second(self) -> float:
@@ -100,6 +103,7 @@ class Summary:
             "rendering_images_per_s": round(self.rendering_images_per_second, 3),
             "actors": self.actors,
             "errors": self.errors[:20],
+            **({"videos": self.videos, "flicker": [round(f, 4) for f in self.flicker]} if self.videos else {}),
         }
 
 
@@ -125,6 +129,72 @@ def cut_batches(tasks: Iterable[RenderTask], batch_size: int) -> Iterator[Batch]
         yield Batch.of(chunk)
 
 
+def shots(spec: JobSpec, tasks: Iterable[RenderTask]) -> Iterator[list[RenderTask]]:
+    """An animation's tasks cut into shots (every sweep combination's frames, in order)."""
+    shot: list[RenderTask] = []
+    for task in tasks:
+        shot.append(task)
+        if len(shot) == spec.frames_per_shot:
+            yield shot
+            shot = []
+
+
+class WorkQueue:
+    """The batches to hand out: free ones in task order, and chains, each of whose batches
+    waits until the one before it has its rows (a chained animation's frames).
+
+    A chain goes to one actor at a time, but several chains run at once on different actors.
+    """
+
+    def __init__(self, batches: Iterable[Batch] = (), chains: Iterable[list[Batch]] = ()) -> None:
+        self._free = iter(batches)
+        self._free_done = False
+        self._chains = [deque(chain) for chain in chains if chain]
+        self._busy: dict[str, int] = {}  # batch id handed out -> its chain
+        self._turn = 0  # the chain asked first next time, so every chain gets its turn
+
+    def take(self) -> Batch | None:
+        """The next batch that can start now, or None (for now, or for good: see ``empty``)."""
+        if not self._free_done:
+            batch = next(self._free, None)
+            if batch is not None:
+                return batch
+            self._free_done = True
+        busy = set(self._busy.values())
+        for i in range(len(self._chains)):
+            c = (self._turn + i) % len(self._chains)
+            if self._chains[c] and c not in busy:
+                batch = self._chains[c].popleft()
+                self._busy[batch.batch_id] = c
+                self._turn = c + 1
+                return batch
+        return None
+
+    def finish(self, batch: Batch, ok: bool) -> list[Batch]:
+        """A batch has its rows: free its chain. If it failed, the rest of its chain cannot
+        render (each frame needs the one before); those batches are returned, to be failed."""
+        c = self._busy.pop(batch.batch_id, None)
+        if c is None or ok:
+            return []
+        dropped = list(self._chains[c])
+        self._chains[c].clear()
+        return dropped
+
+    @property
+    def empty(self) -> bool:
+        return self._free_done and not self._busy and not any(self._chains)
+
+
+def plan_work(spec: JobSpec, tasks: Iterable[RenderTask], done: set[str], batch_size: int) -> WorkQueue:
+    """The job's pending work: batches of the tasks not done, or for a chained animation one
+    chain per shot of its frames not done, one frame a batch."""
+    if spec.animation is not None and spec.animation.mode == "chained":
+        return WorkQueue(chains=[[Batch.of([t]) for t in shot if t.task_id not in done] for shot in shots(spec, tasks)])
+    return WorkQueue(
+        batch for batch in cut_batches(tasks, batch_size) if not all(t.task_id in done for t in batch.tasks)
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Output folder
 
@@ -139,6 +209,9 @@ def prepare_output(spec: JobSpec, root: str) -> int:
     storage.write_bytes(filesystem, storage.join(base, JOB_FILE), spec.source.encode())
     for folder in (IMAGES_DIR, manifest.MANIFEST_DIR):
         storage.remove_temporaries(filesystem, storage.join(base, folder))
+    if spec.animation is not None:  # for `farm video`: the frame rate and shape of the shots
+        record = {"fps": spec.animation.fps, "mode": spec.animation.mode, "frames_per_shot": spec.frames_per_shot}
+        storage.write_bytes(filesystem, storage.join(base, ANIMATION_FILE), json.dumps(record).encode())
     random_base = random_base_of(root)
     if random_base is None:
         random_base = secrets.randbits(32)
@@ -266,34 +339,52 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
     random_base = prepare_output(spec, root)
     done = manifest.ok_task_ids(root)
     summary = Summary(job_root=root, total=spec.count())
+    # The first task not done names the model the actors load at start-up.
+    first = next((t for t in spec.tasks(random_base) if t.task_id not in done), None)
     todo = sum(1 for t in spec.tasks(random_base) if t.task_id not in done)
     summary.skipped = summary.total - todo
 
-    pending = (
-        batch
-        for batch in cut_batches(spec.tasks(random_base), options.batch_size)
-        if not all(t.task_id in done for t in batch.tasks)
-    )
-
     start = time.perf_counter()
-    if todo:
+    if first is not None:
         # 3. Start or join Ray, and the actors (each loads the model once)
         started = start_ray(options.address)
         try:
-            # The first pending batch names the model the actors load at start-up.
-            first = next(pending)
-            actors = start_actors(spec, root, options, first.tasks[0].model)
+            actors = start_actors(spec, root, options, first.model)
             check_inputs(spec, actors[0])
             summary.actors = len(actors)
             summary.startup = time.perf_counter() - start
             # 4. Dispatch batches with backpressure; write rows as they arrive
-            dispatch(spec, root, actors, itertools.chain([first], pending), done, todo, options, summary)
+            work = plan_work(spec, spec.tasks(random_base), done, options.batch_size)
+            dispatch(spec, root, actors, work, done, todo, options, summary)
         finally:
             if started:
                 ray.shutdown()
+    # 5. An animation's videos, one per shot, and their flicker
+    if spec.animation is not None:
+        write_videos(spec, root, random_base, done, summary)
     summary.elapsed = time.perf_counter() - start
     write_summary(root, summary)
     return summary
+
+
+def write_videos(spec: JobSpec, root: str, random_base: int, done: set[str], summary: Summary) -> None:
+    """Each shot's rendered frames, in order, as OUT/<job>/<job>.mp4 (<job>-shot<N>.mp4 for several)."""
+    filesystem, base = storage.open_root(root)
+    all_shots = list(shots(spec, spec.tasks(random_base)))
+    for index, shot in enumerate(all_shots):
+        frames = [image_relpath(t.task_id) for t in shot if t.task_id in done]
+        if not frames:
+            continue
+        name = f"{spec.name}.mp4" if len(all_shots) == 1 else f"{spec.name}-shot{index}.mp4"
+        try:
+            result = write_job_video(filesystem, base, frames, storage.join(root, name), spec.animation.fps)  # type: ignore[union-attr]
+        except (StitchError, ClipError, OSError) as exc:  # the frames are safe; `farm video` can try again
+            summary.errors.append(f"{name}: not written: {exc}")
+            continue
+        summary.videos.append(name)
+        summary.flicker.append(result.flicker)
+        if len(frames) < len(shot):
+            summary.errors.append(f"{name}: {len(frames)} of {len(shot)} frames ({len(shot) - len(frames)} failed)")
 
 
 def check_inputs(spec: JobSpec, actor: Any) -> None:
@@ -317,7 +408,7 @@ def dispatch(
     spec: JobSpec,
     root: str,
     actors: list[Any],
-    batches: Iterator[Batch],
+    work: WorkQueue,
     done: set[str],
     todo: int,
     options: RenderOptions,
@@ -343,7 +434,6 @@ def dispatch(
     probes: dict[Any, int] = {}  # ready() calls in flight -> actor index
     buffer: list[dict[str, Any]] = []
     last_flush = time.monotonic()
-    exhausted = False
     bar = tqdm(total=todo, unit="img", disable=not options.progress, dynamic_ncols=True, desc=spec.name)
 
     def flush() -> None:
@@ -354,11 +444,9 @@ def dispatch(
         last_flush = time.monotonic()
 
     def next_batch() -> tuple[Batch, int, int] | None:
-        nonlocal exhausted
         if retry:
             return retry.popleft()
-        batch = next(batches, None)
-        exhausted = batch is None
+        batch = work.take()
         return (batch, 0, 0) if batch else None
 
     def rest(index: int) -> None:
@@ -380,21 +468,26 @@ def dispatch(
         while True:
             now = time.monotonic()
             for index, actor in enumerate(actors):
-                if index in resting:
-                    # Ask a resting actor whether it is back (once its rest is over).
-                    if resting[index] <= now and index not in probes.values():
-                        probes[actor.ready.remote()] = index
-                    continue
-                # Fill every awake actor up to its in-flight limit.
-                while load[index] < IN_FLIGHT_PER_ACTOR and (item := next_batch()):
+                # Ask a resting actor whether it is back (once its rest is over).
+                if index in resting and resting[index] <= now and index not in probes.values():
+                    probes[actor.ready.remote()] = index
+            # Fill the awake actors up to their in-flight limit, one batch each per round, so
+            # that work which comes a batch at a time (chains) spreads over every actor.
+            handed = True
+            while handed:
+                handed = False
+                for index, actor in enumerate(actors):
+                    if index in resting or load[index] >= IN_FLIGHT_PER_ACTOR or not (item := next_batch()):
+                        continue
                     batch, failures, losses = item
                     # Tasks already done (the rest of the batch failed an input check
                     # before) are not rendered again: their images stay as their rows say.
                     skip = frozenset(t.task_id for t in batch.tasks if t.task_id in done)
                     in_flight[actor.render.remote(batch, skip)] = (index, batch, failures, losses)
                     load[index] += 1
+                    handed = True
             metrics.set_queue_depth(spec.name, len(in_flight) + len(retry))
-            if not in_flight and not retry and exhausted:
+            if not in_flight and not retry and work.empty:
                 break
             # Wake for a result or an answer, when buffered rows are due, or when a rest ends.
             wakes = [t for i, t in resting.items() if i not in probes.values()]
@@ -438,6 +531,11 @@ def dispatch(
                     metrics.record_failed(spec.name, len(batch.tasks))
                     summary.errors.append(message)
                 record(rows)
+                ok = all(r["status"] == "ok" for r in rows)
+                for dropped in work.finish(batch, ok):
+                    frame = batch.tasks[0].frame
+                    message = f"not rendered: frame {frame} of this shot failed, and each frame needs the one before"
+                    record(failed_rows(spec.name, dropped, message))
             if len(buffer) >= FLUSH_ROWS or time.monotonic() - last_flush >= options.flush_seconds:
                 flush()
     finally:

@@ -129,6 +129,7 @@ def reproduce_task(
         warnings,
         recorded_hash=row["model_hash"],
         recorded_device=row["device"],
+        job_root=job_root,
     )
     return _compare(
         task_id,
@@ -199,6 +200,8 @@ def reproduce_image(
         warnings,
         recorded_hash=meta.get("model_hash"),
         recorded_device=None,
+        # A chained animation frame reads the frames it names from its own job folder.
+        job_root=str(Path(png_path).resolve().parent.parent) if capture is None else None,
     )
     if recorded_batch_size != 1:
         new_meta = read_png_metadata(new)
@@ -228,8 +231,13 @@ def _render(
     warnings: list[str],
     recorded_hash: str | None,
     recorded_device: str | None,
+    job_root: str | None = None,
 ) -> bytes:
-    """Render a batch in this process into a temporary folder; the bytes of task_id's PNG at relpath."""
+    """Render a batch in this process into a temporary folder; the bytes of task_id's PNG at relpath.
+
+    The images a chained animation frame reads (the frame before, frame 0's colours) are
+    copied in from ``job_root`` first.
+    """
     import torch
 
     from farm.actor import BatchRenderer
@@ -257,6 +265,7 @@ def _render(
                     f"recorded on {recorded_device}, rendered now on {info['device']}: "
                     "bytes match only on the same machine kind"
                 )
+            copy_inputs(batch, job_root, folder)
             rows = renderer.render(batch)
             failed = [r for r in rows if r["task_id"] == task_id and r["status"] != "ok"]
             if failed:
@@ -264,6 +273,23 @@ def _render(
             return Path(folder, relpath).read_bytes()
     finally:
         torch.set_num_threads(threads)
+
+
+def copy_inputs(batch: Batch, job_root: str | None, folder: str) -> None:
+    """Copy the job images that the batch's chained frames read into ``folder``."""
+    names = {i for t in batch.tasks for i in (t.previous, t.color_reference) if i}
+    if not names:
+        return
+    if job_root is None:
+        raise ReproduceError("a chained animation frame needs its job folder (the frames it blends in)")
+    filesystem, base = storage.open_root(job_root)
+    for task_id in sorted(names):
+        try:
+            data = storage.read_bytes(filesystem, storage.join(base, image_relpath(task_id)))
+        except (OSError, FileNotFoundError) as exc:
+            raise ReproduceError(f"the frame {task_id} that this frame blends in is missing ({exc})") from exc
+        Path(folder, image_relpath(task_id)).parent.mkdir(parents=True, exist_ok=True)
+        Path(folder, image_relpath(task_id)).write_bytes(data)
 
 
 def _compare(

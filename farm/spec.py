@@ -57,10 +57,15 @@ TOP_LEVEL_FIELDS = (
     "sweep",
     "zip",
     "perturb",
+    "animate",
+    "walk",
 )
 # grid: the sweep as written; perturb: one base seed x variation seeds x strengths;
-# trajectory: every step captured (README, "Steering").
-KINDS = ("grid", "perturb", "trajectory")
+# trajectory: every step captured (README, "Steering"); animate: img2img over a clip's
+# frames; walk: text-only frames between prompts and seeds (README, "Animation").
+KINDS = ("grid", "perturb", "trajectory", "animate", "walk")
+ANIMATION_KINDS = ("animate", "walk")
+ANIMATION_MODES = ("independent", "chained")
 CAPTURE_KINDS = ("latents", "x0")
 LONG_PROMPT_MODES = ("truncate", "chunk")
 MIX_MODES = ("sum", "slerp")
@@ -170,6 +175,14 @@ class RenderTask:
     guidance_loss: GuidanceLoss | None = None
     capture: tuple[str, ...] = ()
     long_prompt: str = "truncate"
+    # Animation (README, "Animation"): the output frame number, and for a chained frame the
+    # task whose image is blended into the init image (with weight ``blend``) and the task
+    # whose image the init image's colours are matched to. Ids, not images, so a whole
+    # chained shot is known (and resumable) before any of it is rendered.
+    frame: int | None = None
+    previous: str | None = None
+    blend: float = 0.0
+    color_reference: str | None = None
 
     @cached_property
     def task_id(self) -> str:
@@ -223,6 +236,12 @@ class RenderTask:
             parts.append(f"capture {'+'.join(self.capture)}")
         if self.long_prompt != "truncate":
             parts.append(f"long prompt {self.long_prompt}")
+        if self.frame is not None:
+            parts.append(f"frame {self.frame}")
+        if self.previous:
+            parts.append(f"blend {self.blend:g} of {self.previous[:8]}")
+        if self.color_reference:
+            parts.append(f"colours of {self.color_reference[:8]}")
         return ", ".join(parts)
 
     @property
@@ -231,7 +250,7 @@ class RenderTask:
 
 
 TASK_FIELDS = tuple(f.name for f in dataclasses.fields(RenderTask))
-INT_FIELDS = ("seed", "steps", "width", "height", "variation_seed", "start_step")
+INT_FIELDS = ("seed", "steps", "width", "height", "variation_seed", "start_step", "frame")
 SEED_FIELDS = ("seed", "variation_seed")
 
 
@@ -249,6 +268,27 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class SeedStep:
+    """An animation frame's seed: the shot's seed plus ``offset`` (``seed: iter``)."""
+
+    offset: int
+
+
+@dataclass(frozen=True)
+class Animation:
+    """The frames of one shot of an animate or walk job; every sweep combination is a shot.
+
+    ``frames`` holds, per output frame, the task fields it sets (schedules already read),
+    the same field names for every frame.
+    """
+
+    frames: tuple[tuple[tuple[str, Any], ...], ...]
+    mode: str = "independent"  # or chained: each frame's init image takes in the frame before
+    fps: float = 12.0
+    color_coherence: bool = False
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A parsed, validated job. ``axes`` are the sweep axes, already in expansion order."""
 
@@ -261,25 +301,61 @@ class JobSpec:
     kind: str = "grid"
     # sha256 of every init image the job names (path -> hash), taken when the job is read.
     hashes: dict[str, str] = field(default_factory=dict, repr=False)
+    animation: Animation | None = None
+
+    @property
+    def frames_per_shot(self) -> int:
+        """Tasks per shot: an animation's frame count, else 1 (every task its own)."""
+        return len(self.animation.frames) if self.animation else 1
 
     def count(self) -> int:
         """The number of tasks, without expanding them."""
-        return math.prod(len(values) for _, values in self.axes)
+        return math.prod(len(values) for _, values in self.axes) * self.frames_per_shot
 
     def tasks(self, random_base: int = 0) -> Iterator[RenderTask]:
-        """Expand lazily; ``random_base`` fixes what every ``seed: random`` becomes."""
+        """Expand lazily; ``random_base`` fixes what every ``seed: random`` becomes.
+
+        An animation's frames are the innermost axis, so a shot's frames come out together,
+        in order; a chained frame names the task before it (and frame 0) by id.
+        """
         names = [n for axis_names, _ in self.axes for n in axis_names]
-        for index, combo in enumerate(itertools.product(*(values for _, values in self.axes))):
-            fields = dict(self.defaults)
-            fields.update(zip(names, itertools.chain.from_iterable(combo), strict=True))
-            for name in SEED_FIELDS:
-                if fields[name] == "random":
-                    # The plain seed keeps its original slot so existing runs draw the same seeds.
-                    fields[name] = random_seed(random_base, f"task:{index}" + ("" if name == "seed" else f":{name}"))
-                elif isinstance(fields[name], RandomSlot):
-                    fields[name] = random_seed(random_base, fields[name].slot)
-            resolve_img2img(fields, self.hashes)
-            yield RenderTask(**fields)
+        frames = self.animation.frames if self.animation else ((),)
+        chained = self.animation is not None and self.animation.mode == "chained"
+        index = 0
+        for shot_index, combo in enumerate(itertools.product(*(values for _, values in self.axes))):
+            shot = dict(self.defaults)
+            shot.update(zip(names, itertools.chain.from_iterable(combo), strict=True))
+            if self.animation and shot["seed"] == "random":  # one seed per shot, as a fixed seed is
+                shot["seed"] = random_seed(random_base, f"shot:{shot_index}")
+            first: RenderTask | None = None
+            previous: RenderTask | None = None
+            for frame, frame_fields in enumerate(frames):
+                fields = dict(shot)
+                fields.update(frame_fields)
+                if self.animation is not None:
+                    fields["frame"] = frame
+                for name in SEED_FIELDS:
+                    if fields[name] == "random":
+                        # The plain seed keeps its original slot so existing runs draw the same seeds.
+                        slot = f"task:{index}" + ("" if name == "seed" else f":{name}")
+                        fields[name] = random_seed(random_base, slot)
+                    elif isinstance(fields[name], RandomSlot):
+                        fields[name] = random_seed(random_base, fields[name].slot)
+                if isinstance(fields["seed"], SeedStep):
+                    offset = fields["seed"].offset
+                    fields["seed"] = (_resolved_seed(shot["seed"], random_base) + offset) % (MAX_SEED + 1)
+                resolve_img2img(fields, self.hashes)
+                if chained and previous is not None and first is not None:
+                    fields.update(previous=previous.task_id)
+                    if self.animation.color_coherence:  # type: ignore[union-attr]
+                        fields.update(color_reference=first.task_id)
+                else:
+                    fields["blend"] = 0.0  # frame 0 has nothing before it to blend in
+                task = RenderTask(**fields)
+                first = first or task
+                previous = task
+                index += 1
+                yield task
 
 
 def resolve_img2img(fields: dict[str, Any], hashes: dict[str, str]) -> None:
@@ -299,6 +375,10 @@ def resolve_img2img(fields: dict[str, Any], hashes: dict[str, str]) -> None:
         fields["start_step"] = steps - min(int(steps * fields["strength"]), steps)
     else:
         fields["strength"] = (steps - fields["start_step"]) / steps
+
+
+def _resolved_seed(seed: Any, random_base: int) -> int:
+    return random_seed(random_base, seed.slot) if isinstance(seed, RandomSlot) else seed
 
 
 @dataclass(frozen=True)
@@ -358,8 +438,9 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
     kind = data.get("kind", "grid")
     if kind not in KINDS:
         raise SpecError(f"kind: unknown kind {_show(kind)}; expected one of {', '.join(KINDS)}")
-    if "perturb" in data and kind != "perturb":
-        raise SpecError("perturb: only for kind: perturb")
+    for section in ("perturb", *ANIMATION_KINDS):
+        if section in data and kind != section:
+            raise SpecError(f"{section}: only for kind: {section}")
     defaults = _parse_defaults(data)
     axes = _parse_sweep(_or_empty(data, "sweep", {}), "sweep") + _parse_zip(_or_empty(data, "zip", []))
     if kind == "perturb":
@@ -370,17 +451,24 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
     repeated = {n for n in names if names.count(n) > 1}
     if repeated:
         raise SpecError(f"sweep.{sorted(repeated)[0]}: swept twice (in sweep and zip, or twice in zip)")
-    count = math.prod(len(values) for _, values in axes)
+    animation = None
+    if kind in ANIMATION_KINDS:
+        from farm.animation import parse_animation
+
+        animation, materialise = parse_animation(kind, data.get(kind), defaults, axes, base_dir or Path.cwd())
+    count = math.prod(len(values) for _, values in axes) * (len(animation.frames) if animation else 1)
     if count > MAX_TASKS:
         raise SpecError(f"sweep: {count:.3g} tasks; at most {MAX_TASKS:,} in one job (split it into several)")
     hashes = _resolve_files(defaults, axes, base_dir or Path.cwd())
-    check_combinations(defaults, axes)
+    check_combinations(defaults, axes + frame_axis(animation))
     model_config = data.get("model_config")
     if model_config is not None and not isinstance(model_config, str):
         raise SpecError("model_config: expected a path to a diffusers folder")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SpecError("description: expected text")
+    if animation is not None:  # last: only a job that passed every check decodes its source
+        hashes |= materialise()
     return JobSpec(
         name=name,
         defaults=defaults,
@@ -390,7 +478,16 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
         source=text,
         kind=kind,
         hashes=hashes,
+        animation=animation,
     )
+
+
+def frame_axis(animation: Animation | None) -> list:
+    """An animation's frames as one zipped axis, for the checks across fields."""
+    if animation is None or not animation.frames[0]:
+        return []
+    names = tuple(name for name, _ in animation.frames[0])
+    return [(names, tuple(tuple(value for _, value in frame) for frame in animation.frames))]
 
 
 def defaults_given(data: dict[str, Any]) -> dict[str, Any]:
@@ -539,7 +636,7 @@ DEFAULTS: dict[str, Any] = {
     "start_step": None,
 }
 # Filled in from the file when the job is read, never written by the user.
-DERIVED_FIELDS = ("init_image_sha256",)
+DERIVED_FIELDS = ("init_image_sha256", "frame", "previous", "blend", "color_reference")
 
 
 def _parse_defaults(data: dict[str, Any]) -> dict[str, Any]:
@@ -552,7 +649,8 @@ def _parse_defaults(data: dict[str, Any]) -> dict[str, Any]:
             fields[key] = check_value(key, data[key], key)
     for key, value in defaults_in.items():
         if key in DERIVED_FIELDS:
-            raise SpecError(f"defaults.{key}: computed from the file; leave it out")
+            what = "computed from the file" if key == "init_image_sha256" else "set by an animate or walk job"
+            raise SpecError(f"defaults.{key}: {what}; leave it out")
         if key not in TASK_FIELDS:
             raise SpecError(f"defaults.{key}: unknown task field; expected one of {', '.join(TASK_FIELDS)}")
         if key in ("model", "scheduler") and key in data:
@@ -745,6 +843,8 @@ def check_technique(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_STEPS:
             raise SpecError(f"{where}: expected a whole step number from 0 to the task's steps, got {_show(value)}")
         return value
+    if key == "blend":
+        return _number(value, where, 0.0, 1.0)
     if key == "init_image":
         if value is not None and (not isinstance(value, str) or not value):
             raise SpecError(f"{where}: expected a path to an image file")

@@ -1,0 +1,347 @@
+"""Animation jobs: the ``animate:`` and ``walk:`` sections of a job, read into per-frame task fields.
+
+``kind: animate`` pushes every frame of a clip (a video file or a folder of images) through
+img2img, with keyframed schedules, prompts keyed by frame and a seed per frame;
+``mode: chained`` blends each frame's init image with the frame rendered before it.
+``kind: walk`` is text only: N frames between each pair of prompts and seeds, by slerp of
+the prompt embeddings and of the starting noise. Every sweep combination is one shot.
+Both produce an ``Animation`` (farm/spec.py), whose frames ``JobSpec.tasks`` expands.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from farm.clips import ClipError, extract_frames, list_image_folder, probe_video
+from farm.models import farm_home, file_sha256
+from farm.schedules import ScheduleError, parse_keyed_prompts, parse_schedule, prompt_at
+from farm.spec import (
+    ANIMATION_MODES,
+    INT_FIELDS,
+    MAX_SEED,
+    Animation,
+    MixPart,
+    SeedStep,
+    SpecError,
+    _show,
+    check_value,
+)
+
+ANIMATE_FIELDS = (
+    "source",
+    "start",
+    "end",
+    "stride",
+    "fps",
+    "mode",
+    "prompts",
+    "prompt_blend",
+    "seed",
+    "blend",
+    "color_coherence",
+    "schedules",
+)
+WALK_FIELDS = ("prompts", "seeds", "frames", "loop", "fps", "schedules")
+# Numbers a schedule may drive, frame by frame. Width and height are left out (a video has
+# one size), and seeds have their own key (``seed: fixed | iter | schedule``).
+SCHEDULE_FIELDS = ("guidance", "strength", "start_step", "steps", "variation_strength", "perturb_scale")
+# Deforum's default frame rate; a video source gives its own.
+DEFAULT_FPS = 12.0
+MAX_FPS = 240.0
+# Chained frames: the share of the frame rendered before that goes into the next init image.
+DEFAULT_BLEND = 0.5
+# One shot's frames are held in memory as field tuples; a day of video at 1 fps is 86,400.
+MAX_FRAMES = 100_000
+# What OpenCV is asked to decode; anything else is refused before it tries.
+VIDEO_READ_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".gif", ".mpg", ".mpeg")
+
+
+# Called once every check has passed: decodes a video's frames into the cache, and hashes
+# every source frame (path -> sha256). A refused job writes nothing, not even to the cache.
+Materialise = Callable[[], dict[str, str]]
+
+
+def parse_animation(
+    kind: str, section: Any, defaults: dict[str, Any], axes: list, base_dir: Path
+) -> tuple[Animation, Materialise]:
+    """Read an ``animate:`` or ``walk:`` section -> (the animation, what makes its source frames)."""
+    if not isinstance(section, dict):
+        needs = "source (a video or a folder of images)" if kind == "animate" else "prompts (a list)"
+        raise SpecError(f"{kind}: expected a mapping with {needs}")
+    allowed = ANIMATE_FIELDS if kind == "animate" else WALK_FIELDS
+    unknown = [k for k in section if k not in allowed]
+    if unknown:
+        raise SpecError(f"{kind}.{unknown[0]}: unknown field; expected one of {', '.join(allowed)}")
+    swept = {n for names, _ in axes for n in names}
+    if kind == "animate":
+        return _parse_animate(section, defaults, swept, base_dir)
+    return _parse_walk(section, defaults, swept), dict
+
+
+def _parse_animate(
+    section: dict[str, Any], defaults: dict[str, Any], swept: set[str], base_dir: Path
+) -> tuple[Animation, Materialise]:
+    # 1. The source frames
+    if defaults["init_image"] is not None or "init_image" in swept:
+        raise SpecError("init_image: an animate job's init images are its source frames (animate.source)")
+    if "source" not in section:
+        raise SpecError("animate.source: missing; give a video file or a folder of images")
+    paths, source_fps, materialise = read_source(section["source"], section, base_dir)
+
+    # 2. Mode, frame rate, blend and colour coherence
+    mode = section.get("mode", "independent")
+    if mode not in ANIMATION_MODES:
+        raise SpecError(f"animate.mode: expected one of {', '.join(ANIMATION_MODES)}, got {_show(mode)}")
+    for name in ("blend", "color_coherence"):
+        if name in section and mode != "chained":
+            raise SpecError(f"animate.{name}: only for mode: chained (it reads the frame rendered before)")
+    color_coherence = section.get("color_coherence", False)
+    if not isinstance(color_coherence, bool):
+        raise SpecError(f"animate.color_coherence: expected true or false, got {_show(color_coherence)}")
+    fps = _fps(section, "animate", source_fps)
+
+    # 3. Per-frame fields: source frame, prompt, seed, schedules, blend
+    frames: list[dict[str, Any]] = [{"init_image": str(p)} for p in paths]
+    _apply_prompts(section, defaults, swept, frames)
+    _apply_seed(section.get("seed", "fixed"), swept, frames)
+    _apply_schedules("animate", section.get("schedules"), defaults, swept, frames)
+    if mode == "chained":
+        blend = _schedule("animate.blend", section.get("blend", DEFAULT_BLEND))
+        for k, frame in enumerate(frames):
+            frame["blend"] = check_value("blend", round(blend.value_at(k), 10), f"animate.blend (frame {k})")
+    animation = Animation(
+        frames=tuple(tuple(sorted(f.items())) for f in frames), mode=mode, fps=fps, color_coherence=color_coherence
+    )
+    return animation, materialise
+
+
+def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[list[Path], float | None, Materialise]:
+    """The source frames' paths (absolute) between start, end and stride, the video's frame
+    rate over the stride, and what decodes and hashes them (a video's frames are decoded
+    once, into a cache named by the video's hash, so a rerun finds the same files)."""
+    if not isinstance(source, str) or not source:
+        raise SpecError("animate.source: expected a path to a video file or a folder of images")
+    path = Path(source).expanduser()
+    path = (path if path.is_absolute() else base_dir / path).resolve()
+    start = _whole(section.get("start", 0), "animate.start", 0)
+    stride = _whole(section.get("stride", 1), "animate.stride", 1)
+    end = section.get("end")
+    try:
+        if path.is_dir():
+            files = list_image_folder(path)
+            total, fps = len(files), None
+        elif path.is_file():
+            if path.suffix.lower() not in VIDEO_READ_SUFFIXES:
+                raise SpecError(f"animate.source: {source}: expected a video ({', '.join(VIDEO_READ_SUFFIXES)})")
+            info = probe_video(path)
+            total, fps, files = info.frame_count, info.fps, None
+        else:
+            raise SpecError(f"animate.source: no such file or folder: {source}")
+        end = total if end is None else _whole(end, "animate.end", 1)
+        if start >= total or end > total or start >= end:
+            raise SpecError(
+                f"animate: frames {start} to {end} (end exclusive) are not within the source's {total} frames"
+            )
+        indices = list(range(start, end, stride))
+        if len(indices) > MAX_FRAMES:
+            raise SpecError(f"animate: {len(indices)} frames; at most {MAX_FRAMES} in one shot")
+        if files is not None:
+            chosen = [files[i] for i in indices]
+            return chosen, None, lambda: hash_files(chosen)
+        folder = farm_home() / "frames" / file_sha256(path)
+
+        def materialise() -> dict[str, str]:
+            try:
+                return hash_files(extract_frames(path, indices, folder))
+            except ClipError as exc:
+                raise SpecError(f"animate.source: {exc}") from exc
+
+        return [folder / f"{i:06d}.png" for i in indices], (fps / stride if fps else None), materialise
+    except ClipError as exc:
+        raise SpecError(f"animate.source: {exc}") from exc
+    except OSError as exc:
+        raise SpecError(f"animate.source: cannot read {source} ({exc.strerror or exc})") from exc
+
+
+def hash_files(paths: list[Path]) -> dict[str, str]:
+    return {str(p): file_sha256(p) for p in paths}
+
+
+def _apply_prompts(section: dict[str, Any], defaults: dict[str, Any], swept: set[str], frames: list[dict]) -> None:
+    """Prompts keyed by frame: held until the next key, or blended by prompt mixing (``prompt_blend``)."""
+    blend = section.get("prompt_blend", False)
+    if not isinstance(blend, bool):
+        raise SpecError(f"animate.prompt_blend: expected true or false, got {_show(blend)}")
+    if "prompts" not in section:
+        if blend:
+            raise SpecError("animate.prompt_blend: needs animate.prompts (prompts keyed by frame)")
+        return
+    for name in ("prompt", "mix"):
+        if name in swept or (name == "mix" and defaults["mix"]):
+            raise SpecError(f"animate.prompts: sets each frame's prompt; {name} cannot also be given")
+    try:
+        keys = parse_keyed_prompts(section["prompts"])
+    except ScheduleError as exc:
+        raise SpecError(f"animate.prompts: {exc}") from exc
+    for k, frame in enumerate(frames):
+        parts = prompt_at(keys, k, blend)
+        if len(parts) == 1:
+            frame.update(prompt=parts[0][0], mix=())
+        else:  # a mix replaces the prompt (an empty prompt says so)
+            frame.update(prompt="", mix=tuple(MixPart(p, w) for p, w in parts))
+
+
+def _apply_seed(seed: Any, swept: set[str], frames: list[dict]) -> None:
+    """``fixed``: the shot's seed on every frame; ``iter``: +1 a frame; or a schedule."""
+    if seed == "fixed":
+        return
+    if "seed" in swept:
+        raise SpecError("animate.seed: seed is swept (one shot per seed); use seed: fixed, or stop sweeping it")
+    if seed == "iter":
+        for k, frame in enumerate(frames):
+            frame["seed"] = SeedStep(k)
+        return
+    if not isinstance(seed, str) or ":" not in seed:
+        raise SpecError(f'animate.seed: expected fixed, iter or a schedule like "0:(1), 10:(20)", got {_show(seed)}')
+    schedule = _schedule("animate.seed", seed)
+    for k, frame in enumerate(frames):
+        frame["seed"] = _seed(schedule.value_at(k), f"animate.seed (frame {k})")
+
+
+def _apply_schedules(kind: str, schedules: Any, defaults: dict[str, Any], swept: set[str], frames: list[dict]) -> None:
+    """Keyframed numbers (Deforum's ``"0:(0.65), 10:(0.4)"``), one value per frame."""
+    if schedules is None:
+        return
+    if not isinstance(schedules, dict):
+        raise SpecError(f'{kind}.schedules: expected a mapping of field -> schedule, like strength: "0:(0.65)"')
+    for name, text in schedules.items():
+        where = f"{kind}.schedules.{name}"
+        mix_index = _mix_index(name)
+        if name not in SCHEDULE_FIELDS and mix_index is None:
+            raise SpecError(
+                f"{where}: not a field a schedule can drive; expected one of {', '.join(SCHEDULE_FIELDS)} "
+                "or mix.N.weight"
+            )
+        if name in swept or (mix_index is not None and "mix" in swept):
+            raise SpecError(f"{where}: {name.split('.')[0]} is also swept; schedule it or sweep it")
+        if name in frames[0] or (mix_index is not None and "mix" in frames[0]):
+            raise SpecError(f"{where}: this {kind} job already sets {name.split('.')[0]} on every frame")
+        schedule = _schedule(where, text)
+        if mix_index is not None:
+            mix = defaults["mix"]
+            if mix_index >= len(mix):
+                raise SpecError(f"{where}: defaults.mix has {len(mix)} entries (numbered from 0)")
+            for k, frame in enumerate(frames):
+                weight = _mix_weight(schedule.value_at(k), f"{where} (frame {k})")
+                frame["mix"] = tuple(
+                    MixPart(p.prompt, weight) if i == mix_index else p for i, p in enumerate(frame.get("mix", mix))
+                )
+            continue
+        for k, frame in enumerate(frames):
+            # Rounded as range and linspace values are: 0.575, not 0.5750000000000001.
+            value = round(schedule.value_at(k)) if name in INT_FIELDS else round(schedule.value_at(k), 10)
+            frame[name] = check_value(name, value, f"{where} (frame {k})")
+
+
+def _parse_walk(section: dict[str, Any], defaults: dict[str, Any], swept: set[str]) -> Animation:
+    """N frames from each prompt and seed to the next: slerp of the prompt embeddings and of the noise."""
+    for name in ("prompt", "mix", "seed", "variation_seed", "variation_strength", "perturb_scale", "init_image"):
+        if name in swept:
+            raise SpecError(f"sweep.{name}: a walk sets {name} on every frame (walk.prompts and walk.seeds)")
+    if defaults["mix"] or defaults["init_image"] is not None:
+        name = "mix" if defaults["mix"] else "init_image"
+        raise SpecError(f"defaults.{name}: a walk is text only, between walk.prompts")
+    prompts = section.get("prompts")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise SpecError("walk.prompts: expected a list of prompts (text)")
+    seeds_in = section.get("seeds", defaults["seed"])
+    if seeds_in == "random":
+        raise SpecError("walk.seeds: expected whole numbers; a walk needs its seeds written down")
+    seeds = seeds_in if isinstance(seeds_in, list) else [seeds_in] * len(prompts)
+    if len(seeds) != len(prompts):
+        raise SpecError(f"walk.seeds: {len(seeds)} seeds for {len(prompts)} prompts; give one seed, or one per prompt")
+    seeds = [_seed(s, f"walk.seeds[{i}]") for i, s in enumerate(seeds)]
+    steps = _whole(section.get("frames", 8), "walk.frames", 1)
+    loop = section.get("loop", False)
+    if not isinstance(loop, bool):
+        raise SpecError(f"walk.loop: expected true or false, got {_show(loop)}")
+    stops = list(zip(prompts, seeds, strict=True)) + ([(prompts[0], seeds[0])] if loop else [])
+    if len(stops) < 2:
+        raise SpecError("walk.prompts: a walk needs two prompts, or two seeds (walk.seeds), or loop: true")
+    frames = [walk_frame(a, b, k / steps) for a, b in itertools.pairwise(stops) for k in range(steps)]
+    if not loop:
+        frames.append(walk_frame(stops[-1], stops[-1], 0.0))
+    if len(frames) > MAX_FRAMES:
+        raise SpecError(f"walk: {len(frames)} frames; at most {MAX_FRAMES} in one shot")
+    _apply_schedules("walk", section.get("schedules"), defaults, swept, frames)
+    return Animation(frames=tuple(tuple(sorted(f.items())) for f in frames), fps=_fps(section, "walk"))
+
+
+def walk_frame(a: tuple[str, int], b: tuple[str, int], t: float) -> dict[str, Any]:
+    """The fields of the frame at ``t`` (0 to 1) from prompt and seed ``a`` to ``b``.
+
+    At t = 0 it is ``a``'s own task (no mix, no variation), so a walk's key frames are the
+    images those prompts and seeds give alone.
+    """
+    (prompt_a, seed_a), (prompt_b, seed_b) = a, b
+    frame: dict[str, Any] = {
+        "prompt": prompt_a,
+        "mix": (),
+        "mix_mode": "sum",
+        "seed": seed_a,
+        "variation_seed": None,
+        "variation_strength": 0.0,
+    }
+    if t > 0 and prompt_a != prompt_b:
+        frame.update(prompt="", mix=(MixPart(prompt_a, 1.0 - t), MixPart(prompt_b, t)), mix_mode="slerp")
+    if t > 0 and seed_a != seed_b:
+        frame.update(variation_seed=seed_b, variation_strength=t)
+    return frame
+
+
+def _fps(section: dict[str, Any], kind: str, source_fps: float | None = None) -> float:
+    """``fps`` as given, else the source video's (over the stride), else DEFAULT_FPS."""
+    if "fps" not in section:
+        return source_fps if source_fps and math.isfinite(source_fps) and source_fps > 0 else DEFAULT_FPS
+    fps = section["fps"]
+    if not isinstance(fps, int | float) or isinstance(fps, bool) or not 0 < fps <= MAX_FPS:
+        raise SpecError(f"{kind}.fps: expected frames per second above 0, at most {MAX_FPS:g}, got {_show(fps)}")
+    return float(fps)
+
+
+def _schedule(where: str, text: Any):
+    try:
+        return parse_schedule(text)
+    except ScheduleError as exc:
+        raise SpecError(f"{where}: {exc}") from exc
+
+
+def _mix_index(name: str) -> int | None:
+    parts = name.split(".") if isinstance(name, str) else []
+    if len(parts) == 3 and parts[0] == "mix" and parts[1].isdigit() and parts[2] == "weight":
+        return int(parts[1])
+    return None
+
+
+def _mix_weight(value: float, where: str) -> float:
+    if not -10.0 <= value <= 10.0:
+        raise SpecError(f"{where}: expected a number from -10 to 10, got {value:g}")
+    return float(value)
+
+
+def _seed(value: Any, where: str) -> int:
+    if isinstance(value, float) and math.isfinite(value):
+        value = round(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise SpecError(f"{where}: expected a whole number from 0 to {MAX_SEED}, got {_show(value)}")
+    return value
+
+
+def _whole(value: Any, where: str, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise SpecError(f"{where}: expected a whole number from {low}, got {_show(value)}")
+    return value

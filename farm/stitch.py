@@ -1,0 +1,167 @@
+"""Stitch a job's images into a video: animation frames, a walk, or a step capture.
+
+Rows come from the manifest (``farm video``) or, at the end of an animate or walk job, from
+the driver's own list of a shot's frames. Images are read one at a time, so a long clip
+never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pyarrow import fs as pafs
+
+from farm import manifest, storage
+from farm.clips import VIDEO_SUFFIXES, ClipError, flicker, side_by_side, write_video
+
+# The job folder's record of an animation's frame rate and shape, written at the start of
+# its run, so `farm video` plays it at the source's speed.
+ANIMATION_FILE = "animation.json"
+DEFAULT_FPS = 12.0
+# Images in the order they were made: frames, then captured steps, then render order.
+DEFAULT_ORDER = "frame NULLS LAST, step_index NULLS LAST, created_at, batch_index"
+_OK = "status = 'ok'"
+_IMAGES = "capture IS NULL"
+
+
+class StitchError(Exception):
+    """A selection that gives no video (no rows, two shots mixed, a bad option): one line for the user."""
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    path: str
+    frames: int
+    fps: float
+    flicker: float  # mean absolute difference of consecutive frames, 0-255
+
+    def summary(self) -> str:
+        return f"wrote {self.path}: {self.frames} frames at {self.fps:g} fps, flicker {self.flicker:.2f}"
+
+
+def read_image(filesystem: Any, base: str, relpath: str) -> np.ndarray:
+    data = storage.read_bytes(filesystem, storage.join(base, relpath))
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def frames_with_flicker(images: Iterable[np.ndarray], totals: list[float]) -> Iterator[np.ndarray]:
+    """Pass frames through, adding each consecutive pair's flicker to ``totals`` as they go."""
+    previous = None
+    for image in images:
+        if previous is not None:
+            totals.append(flicker([previous, image]))
+        previous = image
+        yield image
+
+
+def write_job_video(
+    filesystem: Any, base: str, relpaths: list[str], output: str, fps: float, sources: list[str] | None = None
+) -> VideoResult:
+    """Write the images at ``relpaths`` (in the job folder) as a video at ``output``.
+
+    ``output`` is a local path or a pyarrow.fs URI (a job folder on S3 is written through a
+    local temporary file). With ``sources``, each frame is shown to the right of its source
+    image (an absolute local path).
+    """
+    if not relpaths:
+        raise StitchError("no frames to write")
+    pairs: list[float] = []  # the renders' flicker, not the source's beside them
+    frames: Iterable[np.ndarray] = frames_with_flicker((read_image(filesystem, base, p) for p in relpaths), pairs)
+    if sources is not None:
+        frames = (side_by_side(_read_local(s), image) for s, image in zip(sources, frames, strict=True))
+    out_filesystem, out_path = storage.open_root(output)
+    if isinstance(out_filesystem, pafs.LocalFileSystem):
+        count = write_video(frames, out_path, fps)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "video" + Path(out_path).suffix)
+            count = write_video(frames, path, fps)
+            storage.write_bytes(out_filesystem, out_path, Path(path).read_bytes())
+    return VideoResult(output, count, fps, sum(pairs) / len(pairs) if pairs else 0.0)
+
+
+def _read_local(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as exc:
+        raise StitchError(f"--side-by-side: cannot read source frame {path} ({exc})") from exc
+
+
+def animation_fps(filesystem: Any, base: str) -> float | None:
+    """The frame rate an animate or walk job recorded in its folder, else None."""
+    path = storage.join(base, ANIMATION_FILE)
+    if not storage.exists(filesystem, path):
+        return None
+    return float(json.loads(storage.read_bytes(filesystem, path))["fps"])
+
+
+def select_rows(job_root: str, where: str | None, order: str | None) -> list[dict[str, Any]]:
+    """The ok rows to stitch, in order: images (or, with ``where``, any rows it picks) by frame."""
+    import duckdb
+
+    manifest.open_job(job_root)  # a missing or non-job folder: a one-line ManifestError
+    columns = [name for name, _, _ in manifest.COLUMNS]
+    if order is not None and order not in columns:
+        raise StitchError(f"--order: unknown column {order!r}; expected one of {', '.join(columns)}")
+    condition = f"{_OK} AND ({where})" if where and where.strip() else f"{_OK} AND {_IMAGES}"
+    sql = (
+        f"SELECT image_path, init_image, frame, capture, step_index, task_id FROM {manifest.TABLE_NAME} "
+        f"WHERE {condition} ORDER BY {order or DEFAULT_ORDER}"
+    )
+    try:
+        rows = manifest.query(job_root, sql).to_pylist()
+    except duckdb.Error as exc:
+        raise StitchError(f"--where: {str(exc).splitlines()[0]}") from exc
+    if not rows:
+        raise StitchError(f"{job_root}: no ok images" + (f" matching --where {where!r}" if where else ""))
+    if order is None:
+        _refuse_mixed(rows)
+    return rows
+
+
+def _refuse_mixed(rows: list[dict[str, Any]]) -> None:
+    """Frames of two shots, or steps of two captures, would interleave: ask for one."""
+    for key, hint in (("frame", "seed = 1"), ("step_index", "task_id = '...' AND capture = 'x0'")):
+        values = [(r["capture"], r[key]) for r in rows if r[key] is not None]
+        if len(values) != len(set(values)):
+            what = "shots" if key == "frame" else "captured runs"
+            raise StitchError(
+                f'the rows hold several {what} ({key} repeats); pick one with --where, e.g. --where "{hint}"'
+            )
+
+
+def stitch(
+    job_root: str,
+    output: str | None = None,
+    fps: float | None = None,
+    order: str | None = None,
+    where: str | None = None,
+    sides: bool = False,
+) -> VideoResult:
+    """``farm video``: the job's ok images (by frame, else step, else render order) into one video."""
+    filesystem, base = manifest.open_job(job_root)
+    output = output or storage.join(storage.normalise_root(job_root), Path(base).name + ".mp4")
+    if Path(output).suffix.lower() not in VIDEO_SUFFIXES:
+        raise StitchError(f"--output: {output}: expected one of {', '.join(VIDEO_SUFFIXES)}")
+    rows = select_rows(job_root, where, order)
+    sources = None
+    if sides:
+        sources = [r["init_image"] for r in rows]
+        if any(s is None for s in sources):
+            raise StitchError("--side-by-side: some rows have no init_image (source frame) to show")
+    fps = fps or animation_fps(filesystem, base) or DEFAULT_FPS
+    try:
+        return write_job_video(filesystem, base, [r["image_path"] for r in rows], output, fps, sources)
+    except ClipError as exc:
+        raise StitchError(str(exc)) from exc
