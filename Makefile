@@ -35,6 +35,7 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/grid_throughput.py
 	$(BIN)/python benchmarks/steering_cost.py
+	$(BIN)/python benchmarks/animation.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -11,8 +11,8 @@ from farm.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
-# Shown in the README section of their technique; demo and shiba have sections of their own.
-STEERING_JOBS = ("variations", "perturb", "img2img", "mix", "embeddings", "blue", "trajectory")
+# Shown in the README section of their technique (or Animation); demo and shiba have sections of their own.
+STEERING_JOBS = ("variations", "perturb", "img2img", "mix", "embeddings", "blue", "trajectory", "animate", "walk")
 
 
 def body(path: Path) -> str:
