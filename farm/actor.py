@@ -238,7 +238,7 @@ class BatchRenderer:
 
     def chain_init_image(self, task: RenderTask, source: Any, errors: dict[str, str]) -> Any:
         """``source`` blended with the previous frame's image, then matched to the reference's colours."""
-        from farm.clips import blend_images, match_colors
+        from farm.video import blend_images, match_colors
 
         try:
             image = blend_images(source, self.read_output(task.previous, task), task.blend)  # type: ignore[arg-type]

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from farm.clips import ClipError, extract_frames, list_image_folder, probe_video
 from farm.models import farm_home, file_sha256
 from farm.schedules import ScheduleError, parse_keyed_prompts, parse_schedule, prompt_at
 from farm.spec import (
@@ -30,6 +29,7 @@ from farm.spec import (
     _show,
     check_value,
 )
+from farm.video import VideoError, extract_frames, list_image_folder, probe_video
 
 ANIMATE_FIELDS = (
     "source",
@@ -157,11 +157,11 @@ def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[l
         def materialise() -> dict[str, str]:
             try:
                 return hash_files(extract_frames(path, indices, folder))
-            except ClipError as exc:
+            except VideoError as exc:
                 raise SpecError(f"animate.source: {exc}") from exc
 
         return [folder / f"{i:06d}.png" for i in indices], (fps / stride if fps else None), materialise
-    except ClipError as exc:
+    except VideoError as exc:
         raise SpecError(f"animate.source: {exc}") from exc
     except OSError as exc:
         raise SpecError(f"animate.source: cannot read {source} ({exc.strerror or exc})") from exc

@@ -254,8 +254,8 @@ def _picture_name(job_dir: str, kind: str) -> str:
 
 
 def _on_sheet(where: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call a farm.video function; SheetError, ManifestError or an I/O error is one line and exit 2."""
-    from farm.video import SheetError
+    """Call a farm.sheets function; SheetError, ManifestError or an I/O error is one line and exit 2."""
+    from farm.sheets import SheetError
 
     try:
         return on_manifest(where, lambda: function(*args, **kwargs))
@@ -287,7 +287,7 @@ def grid(job_dir: str, x: str, y: str, where: str | None, output: str | None) ->
 
     Example: farm grid out/demo --x guidance --y seed --where "prompt LIKE '%shiba%'" -o demo-grid.png
     """
-    from farm.video import xy_plot
+    from farm.sheets import xy_plot
 
     output = output or _picture_name(job_dir, "grid")
     image, info = _on_sheet(job_dir, xy_plot, job_dir, x, y, where)
@@ -305,7 +305,7 @@ def sheet(job_dir: str, where: str | None, columns: int | None, output: str | No
 
     Example: farm sheet out/demo --where "seed < 3" --columns 4 -o demo-sheet.png
     """
-    from farm.video import contact_sheet
+    from farm.sheets import contact_sheet
 
     output = output or _picture_name(job_dir, "sheet")
     image, n = _on_sheet(job_dir, contact_sheet, job_dir, where, columns)
@@ -346,12 +346,12 @@ def video(
 
     Example: farm video out/animate -o animate.mp4 --side-by-side
     """
-    from farm.clips import ClipError
     from farm.stitch import StitchError, stitch
+    from farm.video import VideoError
 
     try:
         result = on_manifest(output or job_dir, stitch, job_dir, output, fps, order, where, side_by_side)
-    except (StitchError, ClipError) as exc:
+    except (StitchError, VideoError) as exc:
         fail(str(exc))
     click.echo(result.summary())
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from farm import manifest, metrics, storage
 from farm.actor import IMAGES_DIR, BatchRenderer, base_row, image_relpath
-from farm.clips import ClipError
 from farm.models import PRESETS, ModelError, resolve_model
 from farm.spec import Batch, JobSpec, RenderTask
 from farm.stitch import ANIMATION_FILE, StitchError, write_job_video
+from farm.video import VideoError
 
 # One batch rendering and one queued per actor: the actor never waits for the driver, and
 # no more than two batches of work are lost with it if it dies.
@@ -378,7 +378,7 @@ def write_videos(spec: JobSpec, root: str, random_base: int, done: set[str], sum
         name = f"{spec.name}.mp4" if len(all_shots) == 1 else f"{spec.name}-shot{index}.mp4"
         try:
             result = write_job_video(filesystem, base, frames, storage.join(root, name), spec.animation.fps)  # type: ignore[union-attr]
-        except (StitchError, ClipError, OSError) as exc:  # the frames are safe; `farm video` can try again
+        except (StitchError, VideoError, OSError) as exc:  # the frames are safe; `farm video` can try again
             summary.errors.append(f"{name}: not written: {exc}")
             continue
         summary.videos.append(name)

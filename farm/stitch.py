@@ -21,7 +21,7 @@ from PIL import Image
 from pyarrow import fs as pafs
 
 from farm import manifest, storage
-from farm.clips import VIDEO_SUFFIXES, ClipError, flicker, side_by_side, write_video
+from farm.video import VIDEO_SUFFIXES, VideoError, flicker, side_by_side, write_video
 
 # The job folder's record of an animation's frame rate and shape, written at the start of
 # its run, so `farm video` plays it at the source's speed.
@@ -163,5 +163,5 @@ def stitch(
     fps = fps or animation_fps(filesystem, base) or DEFAULT_FPS
     try:
         return write_job_video(filesystem, base, [r["image_path"] for r in rows], output, fps, sources)
-    except ClipError as exc:
+    except VideoError as exc:
         raise StitchError(str(exc)) from exc

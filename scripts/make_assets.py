@@ -7,7 +7,7 @@
   drawn from torch.Generator seed 0; used by jobs/embeddings.yaml.
 - clip.mp4: 24 frames at 12 fps, 128x128: the house drawing with the sun crossing the sky
   while the view pans slowly right; the source clip of jobs/animate.yaml (H.264, written
-  with farm.clips.write_video).
+  with farm.video.write_video).
 
 They are deterministic: running the script again writes the same pixels (and, for the two
 first, the same bytes).
@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from farm.clips import write_video
+from farm.video import write_video
 
 ASSETS = Path(__file__).resolve().parents[1] / "jobs" / "assets"
 SIZE = 128

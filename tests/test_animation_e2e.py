@@ -18,11 +18,11 @@ from test_animation import FRAMES, SIZE, write_clip
 from test_resume import farm_render, wait_for_first_part
 
 from farm.cli import main
-from farm.clips import flicker, read_video_info
 from farm.driver import RenderOptions, run_job
 from farm.manifest import read_manifest
 from farm.reproduce import reproduce_task
 from farm.spec import load_job
+from farm.video import flicker, read_video_info
 
 pytestmark = pytest.mark.slow
 

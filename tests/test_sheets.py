@@ -1,4 +1,4 @@
-"""farm grid / farm sheet (farm.video): X/Y plots and contact sheets over hand-made jobs (no Ray, no torch)."""
+"""farm grid / farm sheet (farm.sheets): X/Y plots and contact sheets over hand-made jobs (no Ray, no torch)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from PIL import Image
 from farm.actor import base_row
 from farm.cli import main
 from farm.manifest import ManifestError, write_part
-from farm.spec import Batch, RenderTask
-from farm.video import (
+from farm.sheets import (
     LABEL_HEIGHT,
     LABEL_WIDTH,
     TITLE_HEIGHT,
@@ -24,6 +23,7 @@ from farm.video import (
     image_grid,
     xy_plot,
 )
+from farm.spec import Batch, RenderTask
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 GUIDANCES = [7.5, 3.0, 5.0]  # written unsorted: the plot must sort them

@@ -1,4 +1,4 @@
-"""farm.clips: animation sources, chained-animation image maths, flicker and video writing (no Ray, no torch)."""
+"""farm.video: animation sources, chained-animation image maths, flicker and video writing (no Ray, no torch)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from farm.clips import (
-    ClipError,
+from farm.video import (
+    VideoError,
     blend_images,
     extract_frames,
     flicker,
@@ -98,11 +98,11 @@ def test_list_image_folder_filters_by_suffix_in_natural_order(tmp_path: Path) ->
 
 def test_list_image_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("no frames here")
-    with pytest.raises(ClipError, match="no images"):
+    with pytest.raises(VideoError, match="no images"):
         list_image_folder(tmp_path)
-    with pytest.raises(ClipError, match="not a folder"):
+    with pytest.raises(VideoError, match="not a folder"):
         list_image_folder(tmp_path / "notes.txt")
-    with pytest.raises(ClipError, match="not a folder"):
+    with pytest.raises(VideoError, match="not a folder"):
         list_image_folder(tmp_path / "missing")
 
 
@@ -124,11 +124,11 @@ def test_probe_video_of_a_video_written_by_write_video(tmp_path: Path) -> None:
 
 
 def test_probe_video_errors(tmp_path: Path) -> None:
-    with pytest.raises(ClipError, match="no such video"):
+    with pytest.raises(VideoError, match="no such video"):
         probe_video(tmp_path / "missing.mp4")
     junk = tmp_path / "junk.mp4"
     junk.write_text("not a video")
-    with pytest.raises(ClipError, match="cannot be read"):
+    with pytest.raises(VideoError, match="cannot be read"):
         probe_video(junk)
 
 
@@ -166,9 +166,9 @@ def test_extract_frames_any_order_and_repeats(clip: Path, tmp_path: Path) -> Non
 
 
 def test_extract_frames_past_the_end(clip: Path, tmp_path: Path) -> None:
-    with pytest.raises(ClipError, match="frame 24 is past the end"):
+    with pytest.raises(VideoError, match="frame 24 is past the end"):
         extract_frames(clip, [0, CLIP_FRAMES], tmp_path)
-    with pytest.raises(ClipError, match="negative"):
+    with pytest.raises(VideoError, match="negative"):
         extract_frames(clip, [-1], tmp_path)
     assert leftovers(tmp_path) == []
 
@@ -194,9 +194,9 @@ def test_blend_images_endpoints_and_midpoints() -> None:
 
 def test_blend_images_rejects_bad_input() -> None:
     a = np.zeros((4, 4, 3), np.uint8)
-    with pytest.raises(ClipError, match="blend"):
+    with pytest.raises(VideoError, match="blend"):
         blend_images(a, np.zeros((4, 5, 3), np.uint8), 0.5)
-    with pytest.raises(ClipError, match="between 0 and 1"):
+    with pytest.raises(VideoError, match="between 0 and 1"):
         blend_images(a, a, 1.5)
 
 
@@ -278,7 +278,7 @@ def test_flicker_known_differences() -> None:
 
 def test_flicker_size_mismatch() -> None:
     frames = [np.zeros((4, 6, 3), np.uint8)] * 2 + [np.zeros((4, 7, 3), np.uint8)]
-    with pytest.raises(ClipError, match="frame 2"):
+    with pytest.raises(VideoError, match="frame 2"):
         flicker(frames)
 
 
@@ -355,22 +355,22 @@ def test_write_video_size_mismatch_names_the_frame(tmp_path: Path, suffix: str) 
     frames = moving_frames(80, 16, 16)
     frames[70] = np.zeros((16, 14, 3), np.uint8)
     path = tmp_path / f"out{suffix}"
-    with pytest.raises(ClipError, match="frame 70 "):
+    with pytest.raises(VideoError, match="frame 70 "):
         write_video(frames, path, 12)
     assert list(tmp_path.iterdir()) == []  # neither the video nor a temp file
 
 
 def test_write_video_bad_arguments(tmp_path: Path) -> None:
     frames = moving_frames(2, 16, 16)
-    with pytest.raises(ClipError, match="no frames"):
+    with pytest.raises(VideoError, match="no frames"):
         write_video([], tmp_path / "out.mp4", 12)
-    with pytest.raises(ClipError, match=r"\.mp4, \.webm, \.gif"):
+    with pytest.raises(VideoError, match=r"\.mp4, \.webm, \.gif"):
         write_video(frames, tmp_path / "out.avi", 12)
-    with pytest.raises(ClipError, match="fps"):
+    with pytest.raises(VideoError, match="fps"):
         write_video(frames, tmp_path / "out.mp4", 0)
-    with pytest.raises(ClipError, match="uint8"):
+    with pytest.raises(VideoError, match="uint8"):
         write_video([np.zeros((16, 16, 3), np.float32)], tmp_path / "out.mp4", 12)
-    with pytest.raises(ClipError, match="does not exist"):
+    with pytest.raises(VideoError, match="does not exist"):
         write_video(frames, tmp_path / "missing" / "out.mp4", 12)
     assert list(tmp_path.iterdir()) == []
 

@@ -1,0 +1,244 @@
+"""Pictures made of a job's images: X/Y plots and contact sheets (videos are farm/video.py and farm/stitch.py).
+
+Pure functions over PIL images and the manifest: no Ray, no torch. Images are read through
+``farm.storage``, so a job folder may be a ``pyarrow.fs`` URI.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from farm import manifest, storage
+
+# The longest side of a plot or sheet, in pixels. A 100 x 100 sweep of 512 px images would
+# be 51200 px a side (7.5 GiB of RGB); cells are shrunk before they are pasted, so neither
+# the file nor the canvas in memory grows past this.
+MAX_SIDE = 4096
+
+# The X/Y plot's margins, in pixels (never scaled, so labels stay legible on big grids):
+TITLE_HEIGHT = 32  # the title line (the prompt) across the top
+LABEL_HEIGHT = 24  # the "x = value" band under the title
+LABEL_WIDTH = 120  # the "y = value" band down the left
+FONT_SIZE = 14
+TITLE_FONT_SIZE = 18
+PADDING = 4
+BACKGROUND = (255, 255, 255)
+TEXT_COLOUR = (0, 0, 0)
+EMPTY_COLOUR = (128, 128, 128)  # a cell with no image
+
+# Image rows only: ok, and not a captured step frame.
+_OK_IMAGES = "status = 'ok' AND capture IS NULL"
+
+
+class SheetError(ValueError):
+    """A bad option, a --where that fails or matches nothing: one line for the user."""
+
+
+@dataclass
+class PlotInfo:
+    """What an X/Y plot holds: its axes, how many cells got an image, its size in pixels."""
+
+    x: str
+    y: str
+    x_values: list[Any]
+    y_values: list[Any]
+    cells: int
+    filled: int
+    overlaps: int  # cells that several rows matched; each shows the first by task_id
+    size: tuple[int, int]
+    prompts: list[str] = field(default_factory=list)
+
+    def summary(self, path: str) -> str:
+        line = (
+            f"wrote {path}: {len(self.x_values)} x {len(self.y_values)} cells ({self.x} x {self.y}), "
+            f"{self.size[0]}x{self.size[1]} px"
+        )
+        if self.filled < self.cells:
+            line += f", {self.cells - self.filled} empty"
+        if self.overlaps:
+            line += f", {self.overlaps} with several images (first by task_id shown)"
+        return line
+
+
+def image_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
+    """Paste images in row-major order on a rows x cols grid; every cell the first image's size
+    (others are resized to it). Cells left over are grey."""
+    if not images:
+        raise ValueError("image_grid: no images")
+    if rows < 1 or cols < 1 or len(images) > rows * cols:
+        raise ValueError(f"image_grid: {len(images)} images do not fit {rows} x {cols}")
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), EMPTY_COLOUR)
+    for i, image in enumerate(images):
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.Resampling.LANCZOS)
+        grid.paste(image.convert("RGB"), box=(i % cols * w, i // cols * h))
+    return grid
+
+
+def xy_plot(
+    job_root: str, x: str, y: str, where: str | None = None, max_side: int = MAX_SIDE
+) -> tuple[Image.Image, PlotInfo]:
+    """An X/Y plot of a job's ok images: distinct ``x`` values (sorted) along the top, ``y``
+    down the left, the prompt as the title; cells shrunk so the longer side is <= max_side."""
+    for option, column in (("--x", x), ("--y", y)):
+        if column not in _column_names():
+            raise SheetError(f"{option} {column}: not a manifest column (see the README's manifest table)")
+    rows = _rows(job_root, f'task_id, prompt, image_path, "{x}" AS x_value, "{y}" AS y_value', where, "task_id")
+    x_values = _distinct(r["x_value"] for r in rows)
+    y_values = _distinct(r["y_value"] for r in rows)
+    chosen: dict[tuple[int, int], dict] = {}
+    counts: dict[tuple[int, int], int] = {}
+    for r in rows:  # ordered by task_id: the first one found is the one shown
+        key = (x_values.index(r["x_value"]), y_values.index(r["y_value"]))
+        chosen.setdefault(key, r)
+        counts[key] = counts.get(key, 0) + 1
+    prompts = sorted({r["prompt"] for r in rows})
+
+    filesystem, base = storage.open_root(job_root)
+    first = _load(filesystem, base, rows[0]["image_path"])
+    nx, ny = len(x_values), len(y_values)
+    cell = _cell_size(first.size, nx, ny, max_side - LABEL_WIDTH, max_side - TITLE_HEIGHT - LABEL_HEIGHT)
+    cw, ch = cell
+    top, left = TITLE_HEIGHT + LABEL_HEIGHT, LABEL_WIDTH
+    canvas = Image.new("RGB", (left + nx * cw, top + ny * ch), BACKGROUND)
+    for i in range(nx):
+        for j in range(ny):
+            box = (left + i * cw, top + j * ch)
+            row = chosen.get((i, j))
+            if row is None:
+                canvas.paste(Image.new("RGB", cell, EMPTY_COLOUR), box)
+                continue
+            image = first if row is rows[0] else _load(filesystem, base, row["image_path"])
+            canvas.paste(_fit(image, cell), box)
+
+    draw = ImageDraw.Draw(canvas)
+    font, title_font = _font(FONT_SIZE), _font(TITLE_FONT_SIZE)
+    title = prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts"
+    _text(draw, title, title_font, (0, 0, canvas.width, TITLE_HEIGHT), centre=True)
+    for i, value in enumerate(x_values):
+        area = (left + i * cw, TITLE_HEIGHT, left + (i + 1) * cw, top)
+        # A narrow cell gets the bare value: "7.5" reads better than "guidan...".
+        fits = draw.textlength(f"{x} = {_label(value)}", font=font) <= cw - 2 * PADDING
+        _text(draw, f"{x} = {_label(value)}" if fits else _label(value), font, area, centre=True)
+    for j, value in enumerate(y_values):
+        _text(draw, f"{y} = {_label(value)}", font, (0, top + j * ch, LABEL_WIDTH, top + (j + 1) * ch), centre=False)
+
+    info = PlotInfo(
+        x=x,
+        y=y,
+        x_values=x_values,
+        y_values=y_values,
+        cells=nx * ny,
+        filled=len(chosen),
+        overlaps=sum(1 for n in counts.values() if n > 1),
+        size=canvas.size,
+        prompts=prompts,
+    )
+    return canvas, info
+
+
+def contact_sheet(
+    job_root: str, where: str | None = None, columns: int | None = None, max_side: int = MAX_SIDE
+) -> tuple[Image.Image, int]:
+    """A plain grid of a job's ok images in render order (created_at, batch, position in it):
+    ``columns`` across (default ceil(sqrt(n)), at most n); returns the sheet and n."""
+    if columns is not None and columns < 1:
+        raise SheetError(f"--columns {columns}: expected 1 or more")
+    rows = _rows(job_root, "task_id, image_path", where, "created_at, batch_id, batch_index, task_id")
+    n = len(rows)
+    cols = min(columns or math.ceil(math.sqrt(n)), n)
+    nrows = math.ceil(n / cols)
+    filesystem, base = storage.open_root(job_root)
+    first = _load(filesystem, base, rows[0]["image_path"])
+    cell = _cell_size(first.size, cols, nrows, max_side, max_side)
+    images = [_fit(first, cell)] + [_fit(_load(filesystem, base, r["image_path"]), cell) for r in rows[1:]]
+    return image_grid(images, nrows, cols), n
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _column_names() -> list[str]:
+    return [name for name, _, _ in manifest.COLUMNS]
+
+
+def _rows(job_root: str, select: str, where: str | None, order: str) -> list[dict]:
+    """The job's ok image rows matching ``where``; SheetError when it fails or matches none."""
+    import duckdb
+
+    manifest.open_job(job_root)  # a missing or non-job folder: a one-line ManifestError
+    condition = _OK_IMAGES + (f" AND ({where})" if where and where.strip() else "")
+    sql = f"SELECT {select} FROM {manifest.TABLE_NAME} WHERE {condition} ORDER BY {order}"
+    try:
+        rows = manifest.query(job_root, sql).to_pylist()
+    except duckdb.Error as exc:
+        raise SheetError(f"--where: {str(exc).splitlines()[0]}") from exc
+    if not rows:
+        scope = f" matching --where {where!r}" if where else ""
+        raise SheetError(f"{job_root}: no ok images{scope}")
+    return rows
+
+
+def _distinct(values) -> list[Any]:
+    """Distinct values, sorted; nulls last."""
+    return sorted(set(values), key=lambda v: (v is None, v if v is not None else 0))
+
+
+def _label(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _load(filesystem, base: str, image_path: str) -> Image.Image:
+    data = storage.read_bytes(filesystem, storage.join(base, image_path))
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def _cell_size(size: tuple[int, int], nx: int, ny: int, room_x: int, room_y: int) -> tuple[int, int]:
+    """The first image's size, shrunk (keeping its aspect) so nx x ny cells fit the room left."""
+    w, h = size
+    scale = min(1.0, room_x / (nx * w), room_y / (ny * h))
+    cw, ch = math.floor(w * scale), math.floor(h * scale)
+    if cw < 1 or ch < 1:
+        raise SheetError(f"{nx} x {ny} cells do not fit in {room_x} x {room_y} px: raise the size cap")
+    return cw, ch
+
+
+def _fit(image: Image.Image, cell: tuple[int, int]) -> Image.Image:
+    return image if image.size == cell else image.resize(cell, Image.Resampling.LANCZOS)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 has a scalable default font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _text(draw: ImageDraw.ImageDraw, text: str, font, area: tuple[int, int, int, int], centre: bool) -> None:
+    """Draw one line in ``area`` (x0, y0, x1, y1), shortened with an ellipsis to fit its width."""
+    x0, y0, x1, y1 = area
+    room = x1 - x0 - 2 * PADDING
+    if room <= 0:
+        return
+    full = text
+    for keep in range(len(full), -1, -1):
+        text = full if keep == len(full) else full[:keep].rstrip() + "..."
+        if draw.textlength(text, font=font) <= room:
+            break
+    else:
+        return
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = x0 + (x1 - x0 - (right - left)) // 2 - left if centre else x0 + PADDING - left
+    y = y0 + (y1 - y0 - (bottom - top)) // 2 - top
+    draw.text((x, y), text, fill=TEXT_COLOUR, font=font)
