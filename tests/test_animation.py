@@ -322,3 +322,65 @@ def test_bad_walks_exit_2_naming_the_field(tmp_path: Path, text: str, message: s
     path = tmp_path / "w.yaml"
     path.write_text("name: w\nkind: walk\ndefaults: {steps: 4, width: 64, height: 64}\n" + text)
     assert_dry_run_fails(path, message)
+
+
+# ---------------------------------------------------------------------------------------
+# The actor's side of a chain (no Ray): the init image it builds, and bytes that repeat
+
+
+def render_chain(tasks: list[RenderTask], folder: Path) -> list[tuple[str, str]]:
+    """Render a chained shot frame after frame with one BatchRenderer (on CUDA where there is
+    one, in float16; else on CPU): each frame's (device, PNG sha256)."""
+    from farm.actor import BatchRenderer
+
+    renderer = BatchRenderer("chain", str(folder), "auto", threads=1)
+    rows = []
+    for task in tasks:
+        (row,) = renderer.render(Batch.of([task]))
+        assert row["status"] == "ok", row["error"]
+        rows.append((row["device"], row["image_sha256"]))
+    return rows
+
+
+def chained_tasks(tmp_path: Path, clip: Path, frames: int = 3) -> list[RenderTask]:
+    text = f"animate: {{source: clip.mp4, end: {frames}, mode: chained, blend: 0.4, color_coherence: true}}\n"
+    return list(load_job(job(tmp_path, text)).tasks())
+
+
+def test_a_chained_frames_init_image_is_its_source_blended_with_the_frame_before(
+    tiny_path: Path, tmp_path: Path, clip: Path
+):
+    from PIL import Image
+
+    from farm.actor import BatchRenderer
+    from farm.images import fit_image
+    from farm.video import blend_images, match_colors
+
+    tasks = chained_tasks(tmp_path, clip)
+    renderer = BatchRenderer("chain", str(tmp_path / "out"), "float32", threads=1)
+    errors: dict[str, str] = {}
+    assert renderer.read_init_image(tasks[1], errors) is None
+    assert "is missing (did that frame fail?)" in errors[tasks[1].task_id]
+
+    render_chain(tasks[:1], tmp_path / "out")
+    frame0 = np.asarray(Image.open(tmp_path / "out" / "images" / f"{tasks[0].task_id}.png").convert("RGB"))
+    source = fit_image(Path(tasks[1].init_image).read_bytes(), SIZE, SIZE)
+    expected = match_colors(blend_images(source, frame0, 0.4), frame0)
+    init = renderer.read_init_image(tasks[1], {})
+    assert np.array_equal(init, expected)
+    assert not np.array_equal(init, source) and not np.array_equal(init, frame0)
+
+
+def test_a_chained_shot_renders_the_same_bytes_twice(tiny_path: Path, tmp_path: Path, clip: Path):
+    tasks = chained_tasks(tmp_path, clip)
+    first = render_chain(tasks, tmp_path / "a")
+    assert first == render_chain(tasks, tmp_path / "b")
+    assert len({sha for _, sha in first}) == len(tasks)
+
+
+@pytest.mark.gpu
+def test_a_chained_shot_renders_the_same_bytes_twice_on_cuda(tiny_path: Path, tmp_path: Path, clip: Path):
+    tasks = chained_tasks(tmp_path, clip, frames=6)
+    first = render_chain(tasks, tmp_path / "a")
+    assert {device for device, _ in first} == {"cuda"}
+    assert first == render_chain(tasks, tmp_path / "b")
