@@ -96,6 +96,9 @@ class VideoInfo:
 
 def _open_capture(path: Path) -> Any:
     """A cv2.VideoCapture on path, or VideoError: cv2 itself only says isOpened() is False."""
+    # FFmpeg's own log ("moov atom not found") would print under our one-line error: silence it
+    # (AV_LOG_QUIET); the user can still set OPENCV_FFMPEG_LOGLEVEL to see it.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     import cv2  # here, not at the top: only video sources need it
 
     if not path.is_file():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_animation import write_clip
 
 import farm.driver
 from farm.cli import main
@@ -210,6 +211,48 @@ CASES = [
     # --- kinds and perturbation
     ("kind_unknown", b"kind: movie\n", "kind: unknown kind 'movie'"),
     ("perturb_without_kind", b"perturb: {seeds: [1], strengths: [0.1]}\n", "perturb: only for kind: perturb"),
+    # --- animation: a valid clip with a bad field decodes nothing (the farm cache is snapshotted too)
+    (
+        "animate_bad_schedule",
+        b"kind: animate\nanimate: {source: {files}/clip.mp4, schedules: {strength: '0:(0.5), 3:(x)'}}\n",
+        "animate.schedules.strength: schedule '0:(0.5), 3:(x)'",
+    ),
+    ("animate_no_source", b"kind: animate\nanimate: {mode: chained}\n", "animate.source: missing"),
+    ("animate_missing_clip", b"kind: animate\nanimate: {source: {files}/nope.mp4}\n", "animate.source: no such file"),
+    (
+        "animate_text_file",
+        b"kind: animate\nanimate: {source: {files}/notes.txt}\n",
+        "animate.source: {files}/notes.txt",
+    ),
+    (
+        "animate_broken_clip",
+        b"kind: animate\nanimate: {source: {files}/broken.mp4}\n",
+        "animate.source: {files}/broken",
+    ),
+    ("animate_empty_folder", b"kind: animate\nanimate: {source: {files}/empty_dir}\n", "animate.source: {files}/empty"),
+    (
+        "animate_range",
+        b"kind: animate\nanimate: {source: {files}/clip.mp4, start: 3, end: 2}\n",
+        "animate: frames 3 to 2",
+    ),
+    (
+        "animate_colour_unchained",
+        b"kind: animate\nanimate: {source: {files}/clip.mp4, color_coherence: true}\n",
+        "animate.color_coherence: only for mode: chained",
+    ),
+    (
+        "animate_huge_seed",
+        b"kind: animate\nanimate: {source: {files}/clip.mp4, seed: '0:(1), 3:(1e20)'}\n",
+        "animate.seed (frame 1)",
+    ),
+    (
+        "animate_prompts_list",
+        b"kind: animate\nanimate: {source: {files}/clip.mp4, prompts: [a, b]}\n",
+        "animate.prompts",
+    ),
+    ("walk_one_prompt", b"kind: walk\nwalk: {prompts: [a]}\n", "walk.prompts: a walk needs two prompts"),
+    ("walk_without_kind", b"walk: {prompts: [a, b]}\n", "walk: only for kind: walk"),
+    ("walk_frames_text", b"kind: walk\nwalk: {prompts: [a, b], frames: many}\n", "walk.frames"),
     ("perturb_no_strengths", b"kind: perturb\nperturb: {seeds: [1]}\n", "perturb: needs seeds"),
     ("perturb_mode", b"kind: perturb\nperturb: {seeds: [1], strengths: [0.1], mode: wobble}\n", "perturb.mode"),
     (
@@ -256,6 +299,8 @@ def folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     (files / "init.png").write_bytes(b"an image")
     (files / "notes.txt").write_text("not a model")
     (files / "model.ckpt").write_bytes(b"a pickle")
+    (files / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 and then nothing")
+    write_clip(files / "clip.mp4", frames=4)
     (tmp_path / "jobs").mkdir()
     # Relative writes would land here, where the snapshot sees them.
     (tmp_path / "cwd").mkdir()
