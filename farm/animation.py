@@ -78,8 +78,14 @@ def parse_animation(
         raise SpecError(f"{kind}.{unknown[0]}: unknown field; expected one of {', '.join(allowed)}")
     swept = {n for names, _ in axes for n in names}
     if kind == "animate":
-        return _parse_animate(section, defaults, swept, base_dir)
-    return _parse_walk(section, defaults, swept), dict
+        animation, materialise = _parse_animate(section, defaults, swept, base_dir)
+    else:
+        animation, materialise = _parse_walk(section, defaults, swept), dict
+    # A swept field that every frame sets anyway would give each shot the same tasks.
+    for name, _ in animation.frames[0]:
+        if name in swept:
+            raise SpecError(f"sweep.{name}: this {kind} job sets {name} on every frame; it cannot also be swept")
+    return animation, materialise
 
 
 def _parse_animate(
@@ -159,6 +165,8 @@ def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[l
                 return hash_files(extract_frames(path, indices, folder))
             except VideoError as exc:
                 raise SpecError(f"animate.source: {exc}") from exc
+            except OSError as exc:  # the frame cache cannot be written
+                raise SpecError(f"animate.source: cannot decode into {folder} ({exc.strerror or exc})") from exc
 
         return [folder / f"{i:06d}.png" for i in indices], (fps / stride if fps else None), materialise
     except VideoError as exc:
@@ -168,7 +176,10 @@ def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[l
 
 
 def hash_files(paths: list[Path]) -> dict[str, str]:
-    return {str(p): file_sha256(p) for p in paths}
+    try:
+        return {str(p): file_sha256(p) for p in paths}
+    except OSError as exc:
+        raise SpecError(f"animate.source: cannot read {exc.filename} ({exc.strerror or exc})") from exc
 
 
 def _apply_prompts(section: dict[str, Any], defaults: dict[str, Any], swept: set[str], frames: list[dict]) -> None:
@@ -270,13 +281,14 @@ def _parse_walk(section: dict[str, Any], defaults: dict[str, Any], swept: set[st
     if not isinstance(loop, bool):
         raise SpecError(f"walk.loop: expected true or false, got {_show(loop)}")
     stops = list(zip(prompts, seeds, strict=True)) + ([(prompts[0], seeds[0])] if loop else [])
-    if len(stops) < 2:
-        raise SpecError("walk.prompts: a walk needs two prompts, or two seeds (walk.seeds), or loop: true")
+    if len(set(stops)) < 2:
+        raise SpecError("walk.prompts: a walk needs two different stops (two prompts, or two seeds in walk.seeds)")
+    count = (len(stops) - 1) * steps + (0 if loop else 1)
+    if count > MAX_FRAMES:  # checked before the frames are made: they are held in memory
+        raise SpecError(f"walk: {count} frames; at most {MAX_FRAMES} in one shot")
     frames = [walk_frame(a, b, k / steps) for a, b in itertools.pairwise(stops) for k in range(steps)]
     if not loop:
         frames.append(walk_frame(stops[-1], stops[-1], 0.0))
-    if len(frames) > MAX_FRAMES:
-        raise SpecError(f"walk: {len(frames)} frames; at most {MAX_FRAMES} in one shot")
     _apply_schedules("walk", section.get("schedules"), defaults, swept, frames)
     return Animation(frames=tuple(tuple(sorted(f.items())) for f in frames), fps=_fps(section, "walk"))
 

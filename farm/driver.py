@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyarrow.lib import ArrowException
+
 from farm import manifest, metrics, storage
 from farm.actor import IMAGES_DIR, BatchRenderer, base_row, image_relpath
 from farm.models import PRESETS, ModelError, resolve_model
@@ -144,14 +146,18 @@ class WorkQueue:
     waits until the one before it has its rows (a chained animation's frames).
 
     A chain goes to one actor at a time, but several chains run at once on different actors.
+    Chains are opened lazily, a new one only when every open chain has its batch out, so at
+    most one chain per dispatch slot is held in memory.
     """
 
-    def __init__(self, batches: Iterable[Batch] = (), chains: Iterable[list[Batch]] = ()) -> None:
+    def __init__(self, batches: Iterable[Batch] = (), chains: Iterable[Iterable[Batch]] = ()) -> None:
         self._free = iter(batches)
         self._free_done = False
-        self._chains = [deque(chain) for chain in chains if chain]
-        self._busy: dict[str, int] = {}  # batch id handed out -> its chain
-        self._turn = 0  # the chain asked first next time, so every chain gets its turn
+        self._chains = iter(chains)
+        self._chains_done = False
+        self._open: list[deque[Batch]] = []  # open chains' batches not yet handed out
+        self._out: list[Batch | None] = []  # per open chain, its batch handed out (by identity)
+        self._turn = 0  # the open chain asked first next time, so every chain gets its turn
 
     def take(self) -> Batch | None:
         """The next batch that can start now, or None (for now, or for good: see ``empty``)."""
@@ -160,36 +166,51 @@ class WorkQueue:
             if batch is not None:
                 return batch
             self._free_done = True
-        busy = set(self._busy.values())
-        for i in range(len(self._chains)):
-            c = (self._turn + i) % len(self._chains)
-            if self._chains[c] and c not in busy:
-                batch = self._chains[c].popleft()
-                self._busy[batch.batch_id] = c
-                self._turn = c + 1
-                return batch
+        for i in range(len(self._open)):
+            c = (self._turn + i) % len(self._open)
+            if self._out[c] is None and self._open[c]:
+                return self._hand_out(c)
+        while not self._chains_done:
+            chain = next(self._chains, None)
+            if chain is None:
+                self._chains_done = True
+            elif batches := deque(chain):
+                self._open.append(batches)
+                self._out.append(None)
+                return self._hand_out(len(self._open) - 1)
         return None
+
+    def _hand_out(self, c: int) -> Batch:
+        batch = self._open[c].popleft()
+        self._out[c] = batch
+        self._turn = c + 1
+        return batch
 
     def finish(self, batch: Batch, ok: bool) -> list[Batch]:
         """A batch has its rows: free its chain. If it failed, the rest of its chain cannot
         render (each frame needs the one before); those batches are returned, to be failed."""
-        c = self._busy.pop(batch.batch_id, None)
-        if c is None or ok:
-            return []
-        dropped = list(self._chains[c])
-        self._chains[c].clear()
-        return dropped
+        for c, out in enumerate(self._out):
+            if out is batch:
+                dropped = [] if ok else list(self._open[c])
+                if not ok:
+                    self._open[c].clear()
+                self._out[c] = None
+                if not self._open[c]:  # the chain is done: close it
+                    del self._open[c], self._out[c]
+                return dropped
+        return []
 
     @property
     def empty(self) -> bool:
-        return self._free_done and not self._busy and not any(self._chains)
+        return self._free_done and self._chains_done and not self._open
 
 
 def plan_work(spec: JobSpec, tasks: Iterable[RenderTask], done: set[str], batch_size: int) -> WorkQueue:
     """The job's pending work: batches of the tasks not done, or for a chained animation one
     chain per shot of its frames not done, one frame a batch."""
     if spec.animation is not None and spec.animation.mode == "chained":
-        return WorkQueue(chains=[[Batch.of([t]) for t in shot if t.task_id not in done] for shot in shots(spec, tasks)])
+        chains = ((Batch.of([t]) for t in shot if t.task_id not in done) for shot in shots(spec, tasks))
+        return WorkQueue(chains=chains)
     return WorkQueue(
         batch for batch in cut_batches(tasks, batch_size) if not all(t.task_id in done for t in batch.tasks)
     )
@@ -370,15 +391,15 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
 def write_videos(spec: JobSpec, root: str, random_base: int, done: set[str], summary: Summary) -> None:
     """Each shot's rendered frames, in order, as OUT/<job>/<job>.mp4 (<job>-shot<N>.mp4 for several)."""
     filesystem, base = storage.open_root(root)
-    all_shots = list(shots(spec, spec.tasks(random_base)))
-    for index, shot in enumerate(all_shots):
+    count = spec.count() // spec.frames_per_shot
+    for index, shot in enumerate(shots(spec, spec.tasks(random_base))):
         frames = [image_relpath(t.task_id) for t in shot if t.task_id in done]
         if not frames:
             continue
-        name = f"{spec.name}.mp4" if len(all_shots) == 1 else f"{spec.name}-shot{index}.mp4"
+        name = f"{spec.name}.mp4" if count == 1 else f"{spec.name}-shot{index}.mp4"
         try:
             result = write_job_video(filesystem, base, frames, storage.join(root, name), spec.animation.fps)  # type: ignore[union-attr]
-        except (StitchError, VideoError, OSError) as exc:  # the frames are safe; `farm video` can try again
+        except (StitchError, VideoError, OSError, ArrowException) as exc:  # the frames are safe; `farm video` retries
             summary.errors.append(f"{name}: not written: {exc}")
             continue
         summary.videos.append(name)

@@ -637,6 +637,7 @@ DEFAULTS: dict[str, Any] = {
 }
 # Filled in from the file when the job is read, never written by the user.
 DERIVED_FIELDS = ("init_image_sha256", "frame", "previous", "blend", "color_reference")
+USER_FIELDS = tuple(name for name in TASK_FIELDS if name not in DERIVED_FIELDS)
 
 
 def _parse_defaults(data: dict[str, Any]) -> dict[str, Any]:
@@ -652,7 +653,7 @@ def _parse_defaults(data: dict[str, Any]) -> dict[str, Any]:
             what = "computed from the file" if key == "init_image_sha256" else "set by an animate or walk job"
             raise SpecError(f"defaults.{key}: {what}; leave it out")
         if key not in TASK_FIELDS:
-            raise SpecError(f"defaults.{key}: unknown task field; expected one of {', '.join(TASK_FIELDS)}")
+            raise SpecError(f"defaults.{key}: unknown task field; expected one of {', '.join(USER_FIELDS)}")
         if key in ("model", "scheduler") and key in data:
             raise SpecError(f"defaults.{key}: also given at the top level; give it once")
         fields[key] = check_value(key, value, f"defaults.{key}")
@@ -719,7 +720,7 @@ def _order_axes(axes: list) -> list:
 def sweep_values(key: str, spec: Any, where: str, unique: bool = True) -> list[Any]:
     """A sweep axis: a list, ``{range: [start, stop, step]}``, ``{linspace: [a, b, n]}`` or ``{random: n}``."""
     if key not in TASK_FIELDS or key in DERIVED_FIELDS:
-        raise SpecError(f"{where}: unknown task field; expected one of {', '.join(TASK_FIELDS)}")
+        raise SpecError(f"{where}: unknown task field; expected one of {', '.join(USER_FIELDS)}")
     if isinstance(spec, list):
         if not spec:
             raise SpecError(f"{where}: empty list; give at least one value")

@@ -334,8 +334,12 @@ def write_video(frames: Iterable[np.ndarray], path: str | Path, fps: float) -> i
     try:
         written = _write_gif(checked, temp, fps) if suffix == ".gif" else _write_av(checked, temp, fps, suffix)
         os.replace(temp, path)
-    except OSError as exc:
-        raise VideoError(f"{path}: {exc}") from exc
+    except (OSError, ValueError) as exc:  # PyAV's UnknownCodecError is a ValueError
+        raise VideoError(f"{path}: cannot write the video ({exc})") from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith("av."):  # av.FFmpegError: an encoder or muxer failed
+            raise VideoError(f"{path}: cannot write the video ({exc})") from exc
+        raise
     finally:
         temp.unlink(missing_ok=True)
     return written
@@ -351,7 +355,7 @@ def _write_gif(frames: Iterator[np.ndarray], temp: Path, fps: float) -> int:
             yield Image.fromarray(frame, "RGB")
 
     stream = images()
-    # Pillow pulls append_images lazily, so a long clip is never all in memory at once.
+    # Pillow holds every frame until the file is written: a GIF is for short clips (use .mp4).
     next(stream).save(temp, format="GIF", save_all=True, append_images=stream, loop=0, duration=round(1000 / fps))
     return written
 

@@ -207,6 +207,17 @@ def test_independent_frames_batch_together(tmp_path: Path, clip: Path):
     assert work.empty
 
 
+def test_work_queue_tells_equal_batches_of_two_chains_apart():
+    def batch(seed: int) -> Batch:
+        return Batch.of([RenderTask("tiny", "euler", "p", "", seed, 4, 7.5, 64, 64)])
+
+    work = WorkQueue(chains=[[batch(1), batch(2)], [batch(1), batch(3)]])
+    first, second = work.take(), work.take()
+    assert first == second and first is not second
+    assert work.finish(second, ok=True) == []
+    assert work.take().tasks[0].seed == 3, "the second chain is free; the first still has its batch out"
+
+
 def test_work_queue_spreads_chains_in_turn():
     def batch(i: int) -> Batch:
         return Batch.of([RenderTask("tiny", "euler", f"p{i}", "", i, 4, 7.5, 64, 64)])
@@ -291,6 +302,8 @@ def test_walk_schedules_apply_per_frame():
         ("animate: {source: clip.mp4, fps: 0}\n", "animate.fps: expected frames per second"),
         ("animate: {source: clip.mp4, speed: 2}\n", "animate.speed: unknown field"),
         ("animate: [clip.mp4]\n", "animate: expected a mapping with source"),
+        ('sweep: {strength: [0.3, 0.5]}\nanimate: {source: clip.mp4, schedules: {strength: "0:(1)"}}\n', "animate.sc"),
+        ("sweep: {seed: [1, 2]}\nanimate: {source: clip.mp4, seed: iter}\n", "animate.seed: seed is swept"),
         ("walk: {prompts: [a, b]}\n", "walk: only for kind: walk"),
         ("sweep: {init_image: [clip.mp4]}\nanimate: {source: clip.mp4}\n", "init_image: an animate job's init images"),
     ],
@@ -299,23 +312,33 @@ def test_bad_animation_jobs_exit_2_naming_the_field(tmp_path: Path, clip: Path, 
     assert_dry_run_fails(job(tmp_path, text), message)
 
 
-def test_a_refused_job_decodes_nothing(tmp_path: Path, clip: Path, farm_home: Path):
-    before = sorted((farm_home / "frames").rglob("*")) if (farm_home / "frames").exists() else []
+def test_a_refused_job_decodes_nothing(tmp_path: Path, clip: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))  # the session's cache may hold this clip
     with pytest.raises(SpecError, match="animate.schedules.strength"):
         load_job(job(tmp_path, 'animate: {source: clip.mp4, schedules: {strength: "0:(x)"}}\n'))
-    after = sorted((farm_home / "frames").rglob("*")) if (farm_home / "frames").exists() else []
-    assert after == before
+    assert not (tmp_path / "home").exists()
+    load_job(job(tmp_path, "animate: {source: clip.mp4}\n"))
+    assert len(list((tmp_path / "home" / "frames").rglob("*.png"))) == FRAMES
+
+
+def test_a_frame_cache_that_cannot_be_written_is_one_line(tmp_path: Path, clip: Path, monkeypatch):
+    (tmp_path / "home").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))
+    assert_dry_run_fails(job(tmp_path, "animate: {source: clip.mp4}\n"), "animate.source: cannot decode into")
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("walk: {prompts: [a]}\n", "walk.prompts: a walk needs two prompts"),
+        ("walk: {prompts: [a]}\n", "walk.prompts: a walk needs two different stops"),
         ("walk: {prompts: [a, b], seeds: [1, 2, 3]}\n", "walk.seeds: 3 seeds for 2 prompts"),
         ("walk: {prompts: [a, b], frames: 0}\n", "walk.frames: expected a whole number from 1"),
         ("walk: {prompts: a}\n", "walk.prompts: expected a list"),
         ('walk: {prompts: [a, b], schedules: {variation_strength: "0:(1)"}}\n', "walk.schedules.variation_strength:"),
         ("sweep: {prompt: [a, b]}\nwalk: {prompts: [a, b]}\n", "sweep.prompt: a walk sets prompt"),
+        ("sweep: {mix_mode: [sum, slerp]}\nwalk: {prompts: [a, b]}\n", "sweep.mix_mode: this walk job sets"),
+        ("walk: {prompts: [a], loop: true}\n", "walk.prompts: a walk needs two different stops"),
+        ("walk: {prompts: [a, b], frames: 20000000}\n", "walk: 20000001 frames; at most 100000"),
     ],
 )
 def test_bad_walks_exit_2_naming_the_field(tmp_path: Path, text: str, message: str):

@@ -250,7 +250,7 @@ CASES = [
         b"kind: animate\nanimate: {source: {files}/clip.mp4, prompts: [a, b]}\n",
         "animate.prompts",
     ),
-    ("walk_one_prompt", b"kind: walk\nwalk: {prompts: [a]}\n", "walk.prompts: a walk needs two prompts"),
+    ("walk_one_prompt", b"kind: walk\nwalk: {prompts: [a]}\n", "walk.prompts: a walk needs two different stops"),
     ("walk_without_kind", b"walk: {prompts: [a, b]}\n", "walk: only for kind: walk"),
     ("walk_frames_text", b"kind: walk\nwalk: {prompts: [a, b], frames: many}\n", "walk.frames"),
     ("perturb_no_strengths", b"kind: perturb\nperturb: {seeds: [1]}\n", "perturb: needs seeds"),
