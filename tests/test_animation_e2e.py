@@ -245,3 +245,30 @@ def test_a_walk_writes_its_video(ray_session, tmp_path: Path):
     assert (summary.rendered, summary.videos) == (4, ["walk.mp4"])
     info = read_video_info(tmp_path / "out" / "walk" / "walk.mp4")
     assert (info["frames"], info["fps"]) == (4, pytest.approx(5.0))
+
+
+def test_a_failed_frame_ends_its_shot_and_a_rerun_picks_it_up(ray_session, tmp_path: Path):
+    from test_animation import square_frame
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(square_frame(i)).save(folder / f"{i}.png")
+    job = write_job(tmp_path, "broken", "animate: {source: frames, mode: chained}\n")
+    spec = load_job(job)
+    original = (folder / "2.png").read_bytes()
+    Image.fromarray(square_frame(9)).save(folder / "2.png")  # changed after the job was read
+
+    summary = run_job(spec, RenderOptions(out=str(tmp_path / "out"), actors=2, progress=False))
+    root = tmp_path / "out" / "broken"
+    rows = sorted(read_manifest(str(root)).to_pylist(), key=lambda r: r["frame"])
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed", "failed", "failed"]
+    assert "sha256 differs" in rows[2]["error"]
+    assert all(r["error"].startswith("not rendered: frame 2 of this shot failed") for r in rows[3:])
+    assert (summary.rendered, summary.failed, summary.videos) == (2, 4, ["broken.mp4"])
+    assert read_video_info(root / "broken.mp4")["frames"] == 2
+
+    (folder / "2.png").write_bytes(original)
+    again = run_job(load_job(job), RenderOptions(out=str(tmp_path / "out"), actors=2, progress=False))
+    assert (again.skipped, again.rendered, again.failed) == (2, 4, 0)
+    assert read_video_info(root / "broken.mp4")["frames"] == 6
