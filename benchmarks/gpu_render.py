@@ -43,15 +43,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The grid benchmark's prompts, negative prompt and guidance (this script's folder is on sys.path).
+from grid_throughput import GUIDANCE, NEGATIVE_PROMPT, PROMPTS
+
 MODELS = ("tiny", "sd15-shaped")
-PROMPTS = (
-    "a cute shiba inu",
-    "an alien riding a giant flying beetle in space, digital art",
-    "a watercolor painting of a castle at sunset",
-    "a photo of an astronaut riding a horse",
-)
-NEGATIVE_PROMPT = "blurry, low quality"
-GUIDANCE = 7.5
 GIB = 1024**3
 
 # Stable Diffusion 1.5's unet/config.json and vae/config.json (runwayml/stable-diffusion-v1-5).
