@@ -7,7 +7,6 @@ the driver does) stays light.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
@@ -251,16 +250,14 @@ class BatchRenderer:
 
     def read_output(self, task_id: str, task: RenderTask) -> Any:
         """The image another task of this job wrote (a chained frame reads the one before it)."""
-        import numpy as np
-        from PIL import Image
+        from farm.images import decode_rgb
 
         path = storage.join(self.base, image_relpath(task_id))
         try:
             data = storage.read_bytes(self.filesystem, path)
         except (OSError, FileNotFoundError) as exc:
             raise ValueError(f"frame {task.frame}: the image of {task_id} is missing (did that frame fail?)") from exc
-        with Image.open(io.BytesIO(data)) as image:
-            pixels = np.asarray(image.convert("RGB"))
+        pixels = decode_rgb(data)
         if pixels.shape[:2] != (task.height, task.width):
             raise ValueError(f"frame {task.frame}: {task_id}'s image is {pixels.shape[1]}x{pixels.shape[0]}")
         return pixels

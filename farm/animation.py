@@ -26,6 +26,7 @@ from farm.spec import (
     MixPart,
     SeedStep,
     SpecError,
+    _number,
     _show,
     check_value,
 )
@@ -247,7 +248,7 @@ def _apply_schedules(kind: str, schedules: Any, defaults: dict[str, Any], swept:
             if mix_index >= len(mix):
                 raise SpecError(f"{where}: defaults.mix has {len(mix)} entries (numbered from 0)")
             for k, frame in enumerate(frames):
-                weight = _mix_weight(schedule.value_at(k), f"{where} (frame {k})")
+                weight = _number(schedule.value_at(k), f"{where} (frame {k})", -10.0, 10.0)
                 frame["mix"] = tuple(
                     MixPart(p.prompt, weight) if i == mix_index else p for i, p in enumerate(frame.get("mix", mix))
                 )
@@ -337,12 +338,6 @@ def _mix_index(name: str) -> int | None:
     if len(parts) == 3 and parts[0] == "mix" and parts[1].isdigit() and parts[2] == "weight":
         return int(parts[1])
     return None
-
-
-def _mix_weight(value: float, where: str) -> float:
-    if not -10.0 <= value <= 10.0:
-        raise SpecError(f"{where}: expected a number from -10 to 10, got {value:g}")
-    return float(value)
 
 
 def _seed(value: Any, where: str) -> int:

@@ -361,8 +361,11 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
     done = manifest.ok_task_ids(root)
     summary = Summary(job_root=root, total=spec.count())
     # The first task not done names the model the actors load at start-up.
-    first = next((t for t in spec.tasks(random_base) if t.task_id not in done), None)
-    todo = sum(1 for t in spec.tasks(random_base) if t.task_id not in done)
+    first, todo = None, 0
+    for task in spec.tasks(random_base):
+        if task.task_id not in done:
+            first = first or task
+            todo += 1
     summary.skipped = summary.total - todo
 
     start = time.perf_counter()

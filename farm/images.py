@@ -77,6 +77,12 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Image file bytes (a PNG farm wrote) as RGB uint8 (height, width, 3)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 def fit_image(data: bytes, width: int, height: int) -> np.ndarray:
     """An init image fitted to a task's size: scaled (Lanczos) to cover width x height with its
     aspect ratio kept, then centre-cropped; RGB uint8 (height, width, 3).

@@ -7,7 +7,6 @@ never sits in memory whole.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -17,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pyarrow import fs as pafs
 
 from farm import manifest, storage
+from farm.images import decode_rgb
 from farm.video import VIDEO_SUFFIXES, VideoError, flicker, side_by_side, write_video
 
 # The job folder's record of an animation's frame rate and shape, written at the start of
@@ -49,9 +48,7 @@ class VideoResult:
 
 
 def read_image(filesystem: Any, base: str, relpath: str) -> np.ndarray:
-    data = storage.read_bytes(filesystem, storage.join(base, relpath))
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+    return decode_rgb(storage.read_bytes(filesystem, storage.join(base, relpath)))
 
 
 def frames_with_flicker(images: Iterable[np.ndarray], totals: list[float]) -> Iterator[np.ndarray]:
@@ -92,8 +89,7 @@ def write_job_video(
 
 def _read_local(path: str) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+        return decode_rgb(Path(path).read_bytes())
     except OSError as exc:
         raise StitchError(f"--side-by-side: cannot read source frame {path} ({exc})") from exc
 
