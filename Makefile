@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install browser demo test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,16 @@ demo: install
 	$(BIN)/farm render jobs/demo.yaml --out $(OUT)
 	@echo "images: $$(ls $(OUT)/demo/images/*.png | wc -l) in $(OUT)/demo/images"
 
-test: install
+# tests/test_report.py opens the HTML gallery in headless Chromium (Debian's package), so
+# `make test` installs it when it is missing; sudo only where we are not root.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+browser:
+	@command -v chromium >/dev/null || { \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: install browser
 	$(BIN)/python -m pytest
 
 lint: install

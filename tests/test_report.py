@@ -17,9 +17,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from farm.actor import base_row
 from farm.cli import main
-from farm.manifest import ManifestError, write_part
+from farm.manifest import ManifestError, base_row, write_part
 from farm.report import embed_json, write_report
 from farm.spec import Batch, RenderTask
 
@@ -161,7 +160,7 @@ def chromium() -> str:
     for candidate in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium"):
         if candidate and Path(candidate).exists():
             return candidate
-    pytest.fail("chromium not found: .ci/run installs it (apt-get install chromium) before make test")
+    pytest.fail("chromium not found: make test installs it (make browser: apt-get install chromium)")
 
 
 def run_chromium(url: str, *args: str) -> str:
