@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from farm.errors import FarmError
+
 PRESETS = ("tiny",)
 # Bumped whenever the tiny architecture or its vocabulary changes, so an old cache
 # folder is never mistaken for the current preset.
@@ -44,7 +46,7 @@ TINY_WORDS = (
 ).split()
 
 
-class ModelError(Exception):
+class ModelError(FarmError):
     """A model reference that cannot be resolved or loaded; the message is for the user."""
 
 

@@ -15,6 +15,8 @@ from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from farm.errors import FarmError
+
 # Where a message quotes the user's text, it shows at most this many characters of it.
 _SHOWN_CHARS = 60
 # A plain decimal number; stricter than float(), which also takes "nan", "inf", "1_000" and padding.
@@ -26,7 +28,7 @@ _FRAME = re.compile(r"[0-9]+")
 _EXAMPLE = "'0:(0.65), 10:(0.4)'"
 
 
-class ScheduleError(ValueError):
+class ScheduleError(FarmError, ValueError):
     """A schedule that cannot be read; the message says why, without naming the field (the caller prefixes where)."""
 
 

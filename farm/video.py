@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from farm.errors import FarmError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")  # what write_video can write
 
@@ -56,7 +58,7 @@ _FLAT_STD = 1e-6
 _LAB_DELTA = 6.0 / 29.0
 
 
-class VideoError(Exception):
+class VideoError(FarmError):
     """A source or output problem to show the user in one line (no traceback)."""
 
 
