@@ -79,6 +79,7 @@ def techniques(folder: str) -> dict[str, Callable[[Any], Any]]:
 def benchmark(args: argparse.Namespace) -> None:
     import torch
 
+    from farm.embeddings import load_embeddings
     from farm.images import fit_image
     from farm.models import load_components, pick_dtype, resolve_model
     from farm.render import render_batch
@@ -101,13 +102,14 @@ def benchmark(args: argparse.Namespace) -> None:
             if tasks[0].init_image:
                 with open(tasks[0].init_image, "rb") as f:
                     init = [fit_image(f.read(), args.size, args.size)] * len(tasks)
+            embeddings = load_embeddings(tasks[0].embeddings)  # the actor reads them once per model
             times, peaks = [], []
             for run in range(args.repeat + 1):  # the first run warms up caches and kernels
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
-                render_batch(components, tasks, init)
+                render_batch(components, tasks, init, embeddings)
                 if device == "cuda":
                     torch.cuda.synchronize()
                     peaks.append(torch.cuda.max_memory_allocated() / 2**20)

@@ -3,43 +3,51 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
 from pyarrow.lib import ArrowException
 
 from farm import __version__
+from farm.driver import RenderOptions
+from farm.errors import EXIT_FAILED, FarmError
+from farm.manifest import FORMATS
 
-# Exit codes: 2 for bad input (a wrong spec, option or model: nothing was rendered),
-# 1 when the job ran but some tasks failed.
-EXIT_BAD_INPUT = 2
-EXIT_TASKS_FAILED = 1
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by Ctrl-C
 DRY_RUN_SHOWN = 10
-T = TypeVar("T")
+# The driver's own defaults, shown in --help: one place for each (driver.RenderOptions).
+RENDER_DEFAULTS = RenderOptions()
+
+
+class FarmGroup(click.Group):
+    """Every command's FarmError becomes one line on stderr and its exit code: never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FarmError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
 
 
 def fail(message: str) -> NoReturn:
-    """Print one line to stderr and exit 2: bad input never shows a traceback."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
+    """Refuse bad input that click's own checks cannot see: one line, exit 2."""
+    raise FarmError(message)
 
 
-def on_manifest(where: str, function: Callable[..., T], *args: Any) -> T:
-    """Call a farm.manifest function; its ManifestError, or an I/O error at ``where``, is one line and exit 2."""
-    from farm.manifest import ManifestError
-
+@contextmanager
+def io_errors(where: str) -> Iterator[None]:
+    """An I/O error reading or writing ``where`` (a missing folder, a full disk, a bad URI) is one line."""
     try:
-        return function(*args)
-    except ManifestError as exc:
-        fail(str(exc))
+        yield
     except (OSError, ArrowException) as exc:
-        fail(f"{where}: {exc}")
+        raise FarmError(f"{where}: {exc}") from exc
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="farm")
 def main() -> None:
     """farm: render Stable Diffusion grids on Ray, with a Parquet manifest per job."""
@@ -52,7 +60,13 @@ def main() -> None:
 @click.option(
     "--actors", type=click.IntRange(min=1), default=None, help="Actors (default: one per GPU, else one per CPU core)."
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tasks per UNet batch.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=RENDER_DEFAULTS.batch_size,
+    show_default=True,
+    help="Tasks per UNet batch.",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
@@ -70,7 +84,7 @@ def main() -> None:
 @click.option(
     "--flush-seconds",
     type=click.FloatRange(min=0),
-    default=5.0,
+    default=RENDER_DEFAULTS.flush_seconds,
     show_default=True,
     help="Write manifest rows at least this often; a crash re-renders at most this much work.",
 )
@@ -91,15 +105,13 @@ def render(
     no_progress: bool,
 ) -> None:
     """Render every task of JOB (a YAML job spec) into OUT/<job name>/."""
-    from farm.driver import FarmError, RenderOptions, dry_run_tasks, run_job
-    from farm.spec import SpecError, load_job
+    from farm.driver import dry_run_tasks, run_job
+    from farm.spec import load_job
 
-    try:
-        spec = load_job(job)
-    except SpecError as exc:
-        fail(str(exc))
+    spec = load_job(job)
     if dry_run:
-        count, tasks = dry_run_tasks(spec, out, DRY_RUN_SHOWN)
+        with io_errors(f"--out {out}"):
+            count, tasks = dry_run_tasks(spec, out, DRY_RUN_SHOWN)
         click.echo(f"{spec.name}: {count} task{'s' if count != 1 else ''}")
         for task in tasks:
             extra = task.techniques()
@@ -122,11 +134,8 @@ def render(
         progress=not no_progress,
     )
     try:
-        summary = run_job(spec, options)
-    except FarmError as exc:
-        fail(str(exc))
-    except (OSError, ArrowException) as exc:  # an output folder that cannot be written
-        fail(f"--out {out}: {exc}")
+        with io_errors(f"--out {out}"):  # an output folder that cannot be written
+            summary = run_job(spec, options)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: finished batches are saved; run the same command again to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -146,7 +155,7 @@ def render(
     click.echo(f"output: {summary.job_root}")
     click.echo(f'try:    farm query {summary.job_root} "SELECT status, count(*) FROM manifest GROUP BY status"')
     if summary.failed:
-        sys.exit(EXIT_TASKS_FAILED)
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()
@@ -155,7 +164,7 @@ def render(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "csv", "json", "parquet"]),
+    type=click.Choice(FORMATS),
     default="table",
     show_default=True,
     help="Output format; parquet needs -o.",
@@ -168,12 +177,13 @@ def query(job_dir: str, sql: str, fmt: str, output: str | None) -> None:
     """
     from farm.manifest import run_query
 
-    click.echo(on_manifest(output or job_dir, run_query, job_dir, sql, fmt, output))
+    with io_errors(output or job_dir):
+        click.echo(run_query(job_dir, sql, fmt, output))
 
 
 @main.command()
 @click.argument("out", type=str)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS[:-1]), default="table", show_default=True)
 def runs(out: str, fmt: str) -> None:
     """List the jobs under OUT (an output root: a path or a pyarrow.fs URI), by name.
 
@@ -185,7 +195,8 @@ def runs(out: str, fmt: str) -> None:
     from farm.manifest import format_table
     from farm.manifest import runs as list_runs
 
-    click.echo(format_table(on_manifest(out, list_runs, out), fmt))
+    with io_errors(out):
+        click.echo(format_table(list_runs(out), fmt))
 
 
 @main.command()
@@ -200,7 +211,8 @@ def compact(job_dir: str) -> None:
     """
     from farm.manifest import compact as compact_job
 
-    click.echo(on_manifest(job_dir, compact_job, job_dir))
+    with io_errors(job_dir):
+        click.echo(compact_job(job_dir))
 
 
 @main.command()
@@ -218,8 +230,20 @@ def compact(job_dir: str) -> None:
     help="Exit 0 when no pixel channel differs by more than this (an image rendered alone may differ by 1).",
 )
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle checkpoints (.ckpt, .bin).")
+@click.option(
+    "--model-config",
+    default=None,
+    help="With a PNG of a single-file checkpoint: the job's model_config (a diffusers folder of configs), "
+    "which the PNG does not record. A job folder's rows record it.",
+)
 def reproduce(
-    target: Path, task_id: str | None, diff_dir: str, dtype: str | None, tolerance: int, allow_pickle: bool
+    target: Path,
+    task_id: str | None,
+    diff_dir: str,
+    dtype: str | None,
+    tolerance: int,
+    allow_pickle: bool,
+    model_config: str | None,
 ) -> None:
     """Render an image again and compare: TARGET is a job folder (OUT/<job>) with TASK_ID, or a PNG.
 
@@ -227,19 +251,20 @@ def reproduce(
 
     Example: farm reproduce out/demo 3f2a9c0d1e2b4a5f6789 --diff-dir /tmp/diff
     """
-    from farm.reproduce import ReproduceError, reproduce_image, reproduce_task
+    from farm.reproduce import reproduce_image, reproduce_task
 
-    try:
-        if target.is_dir():
-            if not task_id:
-                fail(f"{target} is a job folder: give a TASK_ID too (or a PNG instead)")
-            result = reproduce_task(str(target), task_id, diff_dir, allow_pickle=allow_pickle, dtype=dtype)
-        else:
-            if task_id:
-                fail("TASK_ID goes with a job folder, not with a PNG")
-            result = reproduce_image(str(target), diff_dir, allow_pickle=allow_pickle, dtype=dtype)
-    except ReproduceError as exc:
-        fail(str(exc))
+    if target.is_dir():
+        if not task_id:
+            fail(f"{target} is a job folder: give a TASK_ID too (or a PNG instead)")
+        if model_config:
+            fail("--model-config goes with a PNG: a job folder's rows record their model_config")
+        result = reproduce_task(str(target), task_id, diff_dir, allow_pickle=allow_pickle, dtype=dtype)
+    else:
+        if task_id:
+            fail("TASK_ID goes with a job folder, not with a PNG")
+        result = reproduce_image(
+            str(target), diff_dir, allow_pickle=allow_pickle, model_config=model_config, dtype=dtype
+        )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(result.summary())
@@ -251,16 +276,6 @@ def _picture_name(job_dir: str, kind: str) -> str:
     """The default output file: <job>-<kind>.png in the current folder."""
     name = job_dir.rstrip("/").rsplit("/", 1)[-1] or "job"
     return f"{name}-{kind}.png"
-
-
-def _on_sheet(where: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call a farm.sheets function; SheetError, ManifestError or an I/O error is one line and exit 2."""
-    from farm.sheets import SheetError
-
-    try:
-        return on_manifest(where, lambda: function(*args, **kwargs))
-    except SheetError as exc:
-        fail(str(exc))
 
 
 def _save_png(image: Any, output: str) -> None:
@@ -290,8 +305,10 @@ def grid(job_dir: str, x: str, y: str, where: str | None, output: str | None) ->
     from farm.sheets import xy_plot
 
     output = output or _picture_name(job_dir, "grid")
-    image, info = _on_sheet(job_dir, xy_plot, job_dir, x, y, where)
-    on_manifest(output, _save_png, image, output)
+    with io_errors(job_dir):
+        image, info = xy_plot(job_dir, x, y, where)
+    with io_errors(output):
+        _save_png(image, output)
     click.echo(info.summary(output))
 
 
@@ -308,8 +325,10 @@ def sheet(job_dir: str, where: str | None, columns: int | None, output: str | No
     from farm.sheets import contact_sheet
 
     output = output or _picture_name(job_dir, "sheet")
-    image, n = _on_sheet(job_dir, contact_sheet, job_dir, where, columns)
-    on_manifest(output, _save_png, image, output)
+    with io_errors(job_dir):
+        image, n = contact_sheet(job_dir, where, columns)
+    with io_errors(output):
+        _save_png(image, output)
     click.echo(f"wrote {output}: {n} images, {image.width}x{image.height} px")
 
 
@@ -346,13 +365,10 @@ def video(
 
     Example: farm video out/animate -o animate.mp4 --side-by-side
     """
-    from farm.stitch import StitchError, stitch
-    from farm.video import VideoError
+    from farm.stitch import stitch
 
-    try:
-        result = on_manifest(output or job_dir, stitch, job_dir, output, fps, order, where, side_by_side)
-    except (StitchError, VideoError) as exc:
-        fail(str(exc))
+    with io_errors(output or job_dir):
+        result = stitch(job_dir, output, fps, order, where, side_by_side)
     click.echo(result.summary())
 
 
@@ -368,7 +384,8 @@ def report(job_dir: str, output: str | None) -> None:
     """
     from farm.report import write_report
 
-    info = on_manifest(job_dir, write_report, job_dir, output)
+    with io_errors(job_dir):
+        info = write_report(job_dir, output)
     click.echo(info.summary())
 
 

@@ -1,57 +1,39 @@
 """The driver: the only code that schedules Ray work. It never imports torch.
 
 It cuts the task stream into deterministic batches, skips batches already done (resume),
-keeps a bounded number of batches in flight per actor (backpressure), retries the work of
-a failed call or a dead actor, and writes manifest parts as rows stream back.
+starts the actors, and runs the dispatch loop: take a batch, hand it to an actor with room
+(``farm.pool``), wait, then record its rows (``farm.sink``) or retry it. An animation's
+videos are written at the end by ``farm.stitch``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
-from pyarrow.lib import ArrowException
-
-from farm import manifest, metrics, storage
-from farm.actor import IMAGES_DIR, BatchRenderer, base_row, image_relpath
+from farm import layout, manifest, metrics, storage
+from farm.errors import FarmError
+from farm.layout import ANIMATION_FILE, IMAGES_DIR, JOB_FILE, MANIFEST_DIR, RUN_FILE, SUMMARY_FILE, random_base_of
+from farm.manifest import failed_rows
 from farm.models import PRESETS, ModelError, resolve_model
-from farm.spec import Batch, JobSpec, RenderTask
-from farm.stitch import ANIMATION_FILE, StitchError, write_job_video
-from farm.video import VideoError
+from farm.pool import ActorPlan, ActorPool, error_message, start_actors
+from farm.sink import FLUSH_SECONDS, RowSink, Summary
+from farm.spec import Batch, JobSpec, RenderTask, shots
+from farm.stitch import write_shot_videos
 
-# One batch rendering and one queued per actor: the actor never waits for the driver, and
-# no more than two batches of work are lost with it if it dies.
-IN_FLIGHT_PER_ACTOR = 2
-# Rows are written out at least this often (seconds) and whenever this many are buffered,
-# so a crash loses little and a big job does not make thousands of tiny part files.
-FLUSH_SECONDS = 5.0
-FLUSH_ROWS = 512
 DEFAULT_BATCH_SIZE = 8
 # Torch's CPU kernels split reductions differently with 1 thread than with several, which
 # changes the floats; a fixed count per actor keeps the bytes independent of the actor count.
 # Parallelism on CPU comes from actors instead (one per core by default).
 CPU_THREADS = 1
 DEFAULT_RETRIES = 2
-# An actor that died rests before it is asked whether Ray has restarted it: a restart
-# imports torch and loads the model (seconds), and calls before that fail at once.
-ACTOR_REST_SECONDS = 1.0
-MAX_ACTOR_REST_SECONDS = 30.0
 # A batch whose actors keep dying (it crashes them, or the cluster is going away) fails
 # after this many lost actors rather than loop for ever.
 MAX_ACTOR_LOSSES = 5
-JOB_FILE = "job.yaml"
-RUN_FILE = "run.json"
-SUMMARY_FILE = "summary.json"
-
-
-class FarmError(Exception):
-    """A problem to report to the user in one line (bad model, bad options)."""
 
 
 @dataclass(frozen=True)
@@ -66,47 +48,6 @@ class RenderOptions:
     retries: int = DEFAULT_RETRIES
     flush_seconds: float = FLUSH_SECONDS
     progress: bool = True
-
-
-@dataclass
-class Summary:
-    job_root: str
-    total: int = 0
-    rendered: int = 0
-    skipped: int = 0
-    failed: int = 0
-    elapsed: float = 0.0
-    startup: float = 0.0  # Ray start + actor start and model load, within elapsed
-    actors: int = 0
-    errors: list[str] = field(default_factory=list)
-    videos: list[str] = field(default_factory=list)  # animate and walk jobs: one per shot
-    flicker: list[float] = field(default_factory=list)  # per video: mean |frame n+1 - frame n|, 0-255
-
-    @property
-    def images_per_second(self) -> float:
-        return self.rendered / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def rendering_images_per_second(self) -> float:
-        """Throughput once the actors are up: what a long job sees."""
-        busy = self.elapsed - self.startup
-        return self.rendered / busy if busy > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "job_root": self.job_root,
-            "total": self.total,
-            "rendered": self.rendered,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "elapsed_s": round(self.elapsed, 3),
-            "images_per_s": round(self.images_per_second, 3),
-            "startup_s": round(self.startup, 3),
-            "rendering_images_per_s": round(self.rendering_images_per_second, 3),
-            "actors": self.actors,
-            "errors": self.errors[:20],
-            **({"videos": self.videos, "flicker": [round(f, 4) for f in self.flicker]} if self.videos else {}),
-        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,16 +70,6 @@ def cut_batches(tasks: Iterable[RenderTask], batch_size: int) -> Iterator[Batch]
         chunk.append(task)
     if chunk:
         yield Batch.of(chunk)
-
-
-def shots(spec: JobSpec, tasks: Iterable[RenderTask]) -> Iterator[list[RenderTask]]:
-    """An animation's tasks cut into shots (every sweep combination's frames, in order)."""
-    shot: list[RenderTask] = []
-    for task in tasks:
-        shot.append(task)
-        if len(shot) == spec.frames_per_shot:
-            yield shot
-            shot = []
 
 
 class WorkQueue:
@@ -220,33 +151,20 @@ def plan_work(spec: JobSpec, tasks: Iterable[RenderTask], done: set[str], batch_
 # Output folder
 
 
-def job_root(spec: JobSpec, out: str) -> str:
-    return storage.join(storage.normalise_root(out), spec.name)
-
-
 def prepare_output(spec: JobSpec, root: str) -> int:
     """Write the spec as submitted, clear a crash's leftovers; return the run's random base."""
     filesystem, base = storage.open_root(root)
     storage.write_bytes(filesystem, storage.join(base, JOB_FILE), spec.source.encode())
-    for folder in (IMAGES_DIR, manifest.MANIFEST_DIR):
+    for folder in (IMAGES_DIR, MANIFEST_DIR):
         storage.remove_temporaries(filesystem, storage.join(base, folder))
     if spec.animation is not None:  # for `farm video`: the frame rate and shape of the shots
         record = {"fps": spec.animation.fps, "mode": spec.animation.mode, "frames_per_shot": spec.frames_per_shot}
-        storage.write_bytes(filesystem, storage.join(base, ANIMATION_FILE), json.dumps(record).encode())
+        layout.write_json(root, ANIMATION_FILE, record)
     random_base = random_base_of(root)
     if random_base is None:
         random_base = secrets.randbits(32)
-        storage.write_bytes(filesystem, storage.join(base, RUN_FILE), json.dumps({"random_base": random_base}).encode())
+        layout.write_json(root, RUN_FILE, {"random_base": random_base})
     return random_base
-
-
-def random_base_of(root: str) -> int | None:
-    """The random-seed draw kept in a job folder's run.json (None before the first run)."""
-    filesystem, base = storage.open_root(root)
-    path = storage.join(base, RUN_FILE)
-    if storage.exists(filesystem, path):
-        return int(json.loads(storage.read_bytes(filesystem, path))["random_base"])
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,14 +190,6 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class ActorPlan:
-    count: int
-    num_gpus: int
-    num_cpus: float
-    threads: int | None  # torch threads per actor; None leaves torch's default (GPU actors)
-
-
 def plan_actors(resources: dict[str, float], options: RenderOptions) -> ActorPlan:
     """How many actors, and what each asks Ray for, from the cluster's resources and the options.
 
@@ -300,44 +210,6 @@ def plan_actors(resources: dict[str, float], options: RenderOptions) -> ActorPla
     return ActorPlan(count, 0, min(1.0, cpus / count), CPU_THREADS)
 
 
-def start_actors(spec: JobSpec, root: str, options: RenderOptions, first_model: str) -> list[Any]:
-    """Start the render actors (see plan_actors); each loads the first model before any batch."""
-    import ray
-
-    plan = plan_actors(ray.cluster_resources(), options)
-    remote = ray.remote(
-        num_gpus=plan.num_gpus,
-        num_cpus=plan.num_cpus,
-        # Across nodes rather than packed: a lost node takes as few actors with it as it can.
-        scheduling_strategy="SPREAD",
-        max_restarts=-1,
-        max_task_retries=0,
-    )(BatchRenderer)
-    actors = [
-        remote.remote(spec.name, root, options.dtype, options.allow_pickle, spec.model_config, plan.threads)
-        for _ in range(plan.count)
-    ]
-    try:
-        ray.get([a.load.remote(first_model) for a in actors])
-    except Exception as exc:
-        for actor in actors:
-            ray.kill(actor)
-        raise FarmError(error_message(exc)) from exc
-    return actors
-
-
-def error_message(exc: BaseException) -> str:
-    """The user's one line from a Ray error: the original exception's message, not Ray's wrapper."""
-    cause = getattr(exc, "cause", None) or getattr(exc, "base_exception", None)
-    if cause is not None and cause is not exc:
-        return error_message(cause)
-    text = str(exc).strip()
-    for line in reversed(text.splitlines()):
-        if line.strip() and ("Error:" in line or "error:" in line):
-            return line.strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
-
-
 # ---------------------------------------------------------------------------------------
 # The run
 
@@ -348,7 +220,7 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
 
     # 1. Check the models locally where we can, so a bad reference fails before Ray starts
     #    (presets always resolve; building one here would import torch into the driver)
-    root = job_root(spec, options.out)
+    root = layout.job_root(options.out, spec.name)
     if not options.address:
         for model in ({spec.defaults["model"]} | swept_values(spec, "model")) - set(PRESETS):
             try:
@@ -373,7 +245,10 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
         # 3. Start or join Ray, and the actors (each loads the model once)
         started = start_ray(options.address)
         try:
-            actors = start_actors(spec, root, options, first.model)
+            plan = plan_actors(ray.cluster_resources(), options)
+            actors = start_actors(
+                plan, spec.name, root, first.model, options.dtype, options.allow_pickle, spec.model_config
+            )
             check_inputs(spec, actors[0])
             summary.actors = len(actors)
             summary.startup = time.perf_counter() - start
@@ -385,30 +260,13 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
                 ray.shutdown()
     # 5. An animation's videos, one per shot, and their flicker
     if spec.animation is not None:
-        write_videos(spec, root, random_base, done, summary)
+        videos = write_shot_videos(spec, root, spec.tasks(random_base), done)
+        summary.videos.extend(name for name, _ in videos.videos)
+        summary.flicker.extend(flicker for _, flicker in videos.videos)
+        summary.errors.extend(videos.errors)
     summary.elapsed = time.perf_counter() - start
     write_summary(root, summary)
     return summary
-
-
-def write_videos(spec: JobSpec, root: str, random_base: int, done: set[str], summary: Summary) -> None:
-    """Each shot's rendered frames, in order, as OUT/<job>/<job>.mp4 (<job>-shot<N>.mp4 for several)."""
-    filesystem, base = storage.open_root(root)
-    count = spec.count() // spec.frames_per_shot
-    for index, shot in enumerate(shots(spec, spec.tasks(random_base))):
-        frames = [image_relpath(t.task_id) for t in shot if t.task_id in done]
-        if not frames:
-            continue
-        name = f"{spec.name}.mp4" if count == 1 else f"{spec.name}-shot{index}.mp4"
-        try:
-            result = write_job_video(filesystem, base, frames, storage.join(root, name), spec.animation.fps)  # type: ignore[union-attr]
-        except (StitchError, VideoError, OSError, ArrowException) as exc:  # the frames are safe; `farm video` retries
-            summary.errors.append(f"{name}: not written: {exc}")
-            continue
-        summary.videos.append(name)
-        summary.flicker.append(result.flicker)
-        if len(frames) < len(shot):
-            summary.errors.append(f"{name}: {len(frames)} of {len(shot)} frames ({len(shot) - len(frames)} failed)")
 
 
 def check_inputs(spec: JobSpec, actor: Any) -> None:
@@ -428,6 +286,20 @@ def swept_values(spec: JobSpec, name: str) -> set[Any]:
     return {combo[names.index(name)] for names, values in spec.axes if name in names for combo in values}
 
 
+# ---------------------------------------------------------------------------------------
+# The dispatch loop
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A batch on its way to an actor, with what befell it before: the two kinds of failure
+    count separately (see ``dispatch``)."""
+
+    batch: Batch
+    failures: int = 0  # renders that raised
+    losses: int = 0  # actors that died rendering it
+
+
 def dispatch(
     spec: JobSpec,
     root: str,
@@ -444,145 +316,69 @@ def dispatch(
     times, then gets failed rows. An actor that died (killed, or its node lost) is not the
     batch's fault: its batches go back to the queue for the other actors without using up
     their retries (up to MAX_ACTOR_LOSSES per batch, so a batch that kills every actor it
-    meets still ends), and the actor gets no work until Ray has restarted it and it answers.
+    meets still ends), and the actor rests until Ray has restarted it (``ActorPool``).
     """
-    import ray
-    from ray.exceptions import RayActorError, RayError
-    from tqdm import tqdm
+    pool: ActorPool[Attempt] = ActorPool(actors)
+    retry: deque[Attempt] = deque()  # tried before: these go out before new work
 
-    retry: deque[tuple[Batch, int, int]] = deque()  # batch, render failures, actor losses
-    in_flight: dict[Any, tuple[int, Batch, int, int]] = {}
-    load = [0] * len(actors)
-    resting: dict[int, float] = {}  # actor index -> when to ask it whether it is back
-    rests = [0] * len(actors)  # consecutive failed asks, for the back-off
-    probes: dict[Any, int] = {}  # ready() calls in flight -> actor index
-    buffer: list[dict[str, Any]] = []
-    last_flush = time.monotonic()
-    bar = tqdm(total=todo, unit="img", disable=not options.progress, dynamic_ncols=True, desc=spec.name)
-
-    def flush() -> None:
-        nonlocal last_flush
-        if buffer:
-            manifest.write_part(root, buffer)
-            buffer.clear()
-        last_flush = time.monotonic()
-
-    def next_batch() -> tuple[Batch, int, int] | None:
+    def next_attempt() -> Attempt | None:
         if retry:
             return retry.popleft()
         batch = work.take()
-        return (batch, 0, 0) if batch else None
+        return Attempt(batch) if batch else None
 
-    def rest(index: int) -> None:
-        resting[index] = time.monotonic() + min(ACTOR_REST_SECONDS * 2 ** rests[index], MAX_ACTOR_REST_SECONDS)
-        rests[index] += 1
+    def give_up(attempt: Attempt, message: str) -> list[dict[str, Any]]:
+        metrics.record_failed(spec.name, len(attempt.batch.tasks))
+        summary.errors.append(message)
+        return failed_rows(spec.name, attempt.batch, message)
 
-    def record(rows: list[dict[str, Any]]) -> None:
-        fresh = [r for r in rows if r["task_id"] not in done]
-        images = [r for r in fresh if r.get("capture") is None]  # the rest are step captures
-        done.update(r["task_id"] for r in images if r["status"] == "ok")
-        buffer.extend(fresh)
-        ok = sum(r["status"] == "ok" for r in images)
-        summary.rendered += ok
-        summary.failed += len(images) - ok
-        summary.errors.extend(r["error"] for r in images if r["status"] != "ok" and r["error"] not in summary.errors)
-        bar.update(len(images))
-
-    try:
+    with RowSink(spec.name, root, done, summary, todo, options.flush_seconds, options.progress) as sink:
         while True:
-            now = time.monotonic()
-            for index, actor in enumerate(actors):
-                # Ask a resting actor whether it is back (once its rest is over).
-                if index in resting and resting[index] <= now and index not in probes.values():
-                    probes[actor.ready.remote()] = index
-            # Fill the awake actors up to their in-flight limit, one batch each per round, so
-            # that work which comes a batch at a time (chains) spreads over every actor.
-            handed = True
-            while handed:
-                handed = False
-                for index, actor in enumerate(actors):
-                    if index in resting or load[index] >= IN_FLIGHT_PER_ACTOR or not (item := next_batch()):
-                        continue
-                    batch, failures, losses = item
-                    # Tasks already done (the rest of the batch failed an input check
-                    # before) are not rendered again: their images stay as their rows say.
-                    skip = frozenset(t.task_id for t in batch.tasks if t.task_id in done)
-                    in_flight[actor.render.remote(batch, skip)] = (index, batch, failures, losses)
-                    load[index] += 1
-                    handed = True
-            metrics.set_queue_depth(spec.name, len(in_flight) + len(retry))
-            if not in_flight and not retry and work.empty:
+            # 1. Hand work to every actor with room (and ask the rested ones whether they are back)
+            pool.wake()
+            for index in pool.free_slots():
+                if (attempt := next_attempt()) is None:
+                    break
+                pool.submit(index, attempt.batch, sink.done_in(attempt.batch), attempt)
+            metrics.set_queue_depth(spec.name, pool.busy + len(retry))
+            if not pool.busy and not retry and work.empty:
                 break
-            # Wake for a result or an answer, when buffered rows are due, or when a rest ends.
-            wakes = [t for i, t in resting.items() if i not in probes.values()]
-            if buffer:
-                wakes.append(last_flush + options.flush_seconds)
-            timeout = max(0.0, min(wakes) - time.monotonic()) if wakes else None
-            waiting = list(in_flight) + list(probes)
-            if not waiting:
-                time.sleep(timeout or 0.0)
-                continue
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
-            for ref in ready:
-                if ref in probes:
-                    index = probes.pop(ref)
-                    try:
-                        ray.get(ref)
-                        del resting[index]
-                        rests[index] = 0
-                    except RayError:
-                        rest(index)
-                    continue
-                index, batch, failures, losses = in_flight.pop(ref)
-                load[index] -= 1
-                try:
-                    rows = ray.get(ref)
-                except RayActorError as exc:  # the actor died or is restarting: not the batch's fault
-                    rest(index)
-                    if losses < MAX_ACTOR_LOSSES:
-                        retry.append((batch, failures, losses + 1))
+            # 2. Wait for a batch's answer (or a rest's end, or buffered rows falling due)
+            for reply in pool.wait(sink.due_at()):
+                attempt = reply.ticket
+                if reply.lost is not None:  # the actor died or is restarting: not the batch's fault
+                    if attempt.losses < MAX_ACTOR_LOSSES:
+                        retry.append(replace(attempt, losses=attempt.losses + 1))
                         continue
-                    message = f"lost {losses + 1} actors rendering this batch; last: {error_message(exc)}"
-                    rows = failed_rows(spec.name, batch, message)
-                    metrics.record_failed(spec.name, len(batch.tasks))
-                    summary.errors.append(message)
-                except RayError as exc:  # the render raised
-                    message = error_message(exc)
-                    if failures < options.retries:
-                        retry.append((batch, failures + 1, losses))
+                    message = (
+                        f"lost {attempt.losses + 1} actors rendering this batch; last: {error_message(reply.lost)}"
+                    )
+                    rows = give_up(attempt, message)
+                elif reply.error is not None:  # the render raised
+                    if attempt.failures < options.retries:
+                        retry.append(replace(attempt, failures=attempt.failures + 1))
                         continue
-                    rows = failed_rows(spec.name, batch, message)
-                    metrics.record_failed(spec.name, len(batch.tasks))
-                    summary.errors.append(message)
-                record(rows)
+                    rows = give_up(attempt, error_message(reply.error))
+                else:
+                    rows = reply.rows or []
+                # 3. Record its rows; a failed frame of a chain fails the rest of its shot
+                sink.record(rows)
                 ok = all(r["status"] == "ok" for r in rows)
-                for dropped in work.finish(batch, ok):
-                    frame = batch.tasks[0].frame
+                for dropped in work.finish(attempt.batch, ok):
+                    frame = attempt.batch.tasks[0].frame
                     message = f"not rendered: frame {frame} of this shot failed, and each frame needs the one before"
-                    record(failed_rows(spec.name, dropped, message))
-            if len(buffer) >= FLUSH_ROWS or time.monotonic() - last_flush >= options.flush_seconds:
-                flush()
-    finally:
-        # Whatever happened (Ctrl-C included), rows already rendered reach the manifest.
-        flush()
-        bar.close()
-
-
-def failed_rows(job: str, batch: Batch, message: str) -> list[dict[str, Any]]:
-    return [
-        base_row(job, task, batch, i) | {"status": "failed", "error": message} for i, task in enumerate(batch.tasks)
-    ]
+                    sink.record(failed_rows(spec.name, dropped, message))
+            sink.flush_if_due()
 
 
 def write_summary(root: str, summary: Summary) -> None:
-    filesystem, base = storage.open_root(root)
-    data = json.dumps(summary.to_dict(), indent=2).encode()
-    storage.write_bytes(filesystem, storage.join(base, SUMMARY_FILE), data)
+    layout.write_json(root, SUMMARY_FILE, summary.to_dict(), indent=2)
 
 
 def dry_run_tasks(spec: JobSpec, out: str, limit: int) -> tuple[int, list[RenderTask]]:
     """The task count and the first tasks, without Ray; random seeds as a rerun would draw them."""
-    random_base = random_base_of(job_root(spec, out)) if os.path.exists(storage.normalise_root(out)) else None
+    # Through the output's own file system, so a URI's run.json is found as a local one is.
+    random_base = random_base_of(layout.job_root(out, spec.name))
     tasks = []
     for task in spec.tasks(random_base if random_base is not None else secrets.randbits(32)):
         if len(tasks) >= limit:

@@ -77,10 +77,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def open_rgb(data: bytes) -> Image.Image:
+    """Image file bytes (a PNG farm wrote) as an RGB picture, decoded now (the bytes can go)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
     """Image file bytes (a PNG farm wrote) as RGB uint8 (height, width, 3)."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+    return np.asarray(open_rgb(data))
 
 
 def fit_image(data: bytes, width: int, height: int) -> np.ndarray:

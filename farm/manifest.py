@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -19,13 +20,20 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 from pyarrow.lib import ArrowException
 
-from farm import storage
+from farm import __version__, storage
+from farm.errors import FarmError
+from farm.layout import JOB_MARKERS, MANIFEST_DIR, image_relpath
+from farm.spec import SCHEDULERS, Batch, RenderTask
 
-MANIFEST_DIR = "manifest"
 TABLE_NAME = "manifest"
+# The rows that are a task's image (not a captured step frame) and rendered: what the sheets,
+# the gallery and the videos show.
+OK = "status = 'ok'"
+IMAGES = "capture IS NULL"
+OK_IMAGES = f"{OK} AND {IMAGES}"
 T = TypeVar("T")
 
-# Column -> (type, description). The README's manifest table is generated from this list.
+# Column -> (type, description). The column table in docs/manifest.md is generated from this list.
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("task_id", pa.string(), "hash of the task's canonical JSON; the image file is images/<task_id>.png"),
     ("job", pa.string(), "job name"),
@@ -38,7 +46,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("guidance", pa.float64(), "classifier-free guidance scale"),
     ("width", pa.int32(), "image width in pixels"),
     ("height", pa.int32(), "image height in pixels"),
-    ("scheduler", pa.string(), "scheduler name (ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m)"),
+    ("scheduler", pa.string(), f"scheduler name ({', '.join(SCHEDULERS)})"),
     ("scheduler_config", pa.string(), "the scheduler's full config as JSON"),
     ("variation_seed", pa.int64(), "seed whose noise is blended into the seed's noise, else null"),
     ("variation_strength", pa.float64(), "slerp weight of the variation seed's noise (0: the seed's own image)"),
@@ -84,6 +92,50 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
 SCHEMA = pa.schema([pa.field(name, dtype) for name, dtype, _ in COLUMNS])
 
 
+# ---------------------------------------------------------------------------------------
+# Rows: the input half is known before rendering; the actor adds the outputs.
+
+# Task fields held as JSON text in the manifest (lists and mappings).
+JSON_FIELDS = ("mix", "token_mix", "embeddings", "guidance_loss")
+
+
+def json_text(value: Any) -> str:
+    """A value as the manifest's JSON text: sorted keys, anything else as its str()."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def task_columns(task: RenderTask) -> dict[str, Any]:
+    """The task as manifest columns: lists and mappings as JSON text, unused ones as null."""
+    row = task.to_dict()
+    for name in JSON_FIELDS:
+        row[name] = json_text(row[name]) if row[name] else None
+    row["captures"] = ",".join(row.pop("capture")) or None
+    return row
+
+
+def base_row(job: str, task: RenderTask, batch: Batch, index: int) -> dict[str, Any]:
+    """The input half of a manifest row: everything known before rendering."""
+    return {
+        **task_columns(task),
+        "task_id": task.task_id,
+        "job": job,
+        "batch_id": batch.batch_id,
+        "batch_size": len(batch.tasks),
+        "batch_index": index,
+        "image_path": image_relpath(task.task_id),
+        "farm_version": __version__,
+        "created_at": datetime.now(timezone.utc),
+        "task_json": task.canonical_json(),
+    }
+
+
+def failed_rows(job: str, batch: Batch, message: str) -> list[dict[str, Any]]:
+    """A ``failed`` row with ``message`` for every task of the batch."""
+    return [
+        base_row(job, task, batch, i) | {"status": "failed", "error": message} for i, task in enumerate(batch.tasks)
+    ]
+
+
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     """Rows (dicts keyed by column) -> a table in the manifest schema; missing keys are null."""
     rows = list(rows)
@@ -101,7 +153,7 @@ def write_part(job_root: str, rows: list[dict[str, Any]]) -> str:
     return path
 
 
-class ManifestError(ValueError):
+class ManifestError(FarmError, ValueError):
     """A job folder that is missing or is not one, or a bad query: one line for the user."""
 
 
@@ -284,17 +336,16 @@ def run_query(job_root: str, sql: str, fmt: str = "table", output: str | None = 
 
 
 # One row per job: counted over image rows (capture IS NULL) except `frames`.
-RUNS_SQL = """
+RUNS_SQL = f"""
 SELECT
-    count(*) FILTER (WHERE capture IS NULL AND status = 'ok') AS ok,
+    count(*) FILTER (WHERE {OK_IMAGES}) AS ok,
     count(*) FILTER (WHERE capture IS NULL AND status = 'failed') AS failed,
-    count(DISTINCT task_id) FILTER (WHERE capture IS NULL AND status = 'ok') AS images,
+    count(DISTINCT task_id) FILTER (WHERE {OK_IMAGES}) AS images,
     count(*) FILTER (WHERE capture IS NOT NULL) AS frames,
     min(created_at) AS first_created,
     max(created_at) AS last_created
 FROM manifest
 """
-JOB_MARKERS = (MANIFEST_DIR, "job.yaml", "run.json")
 
 
 def runs(out: str) -> pa.Table:

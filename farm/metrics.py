@@ -4,7 +4,7 @@ Ray prefixes every application metric with ``ray_`` (and counters get ``_total``
 ``farm_images_rendered`` is scraped as ``ray_farm_images_rendered_total``. The metric objects
 are made on first use: ``ray.util.metrics`` needs a connected Ray worker, which the driver
 only has after ``ray.init``. Recording never breaks a render: a failure is logged once and
-ignored (README, "Metrics and dashboards"; dashboards/farm.json reads these names).
+ignored (docs/metrics.md; dashboards/farm.json reads these names).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The denoising core: plain functions over loaded components. No Ray, no files.
 
 ``render_batch`` runs the steps in order, the way a diffusers pipeline's ``__call__`` does;
-each step is a small function that later techniques extend rather than copy.
+each step is a small function that later techniques extend rather than copy. Inputs arrive as
+values: init images as pixels, textual-inversion files as vectors (``farm.embeddings`` reads them).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from farm.losses import LossFunction, load_loss, per_image
 from farm.models import Components
 from farm.noise import make_generator, slerp, task_noise
-from farm.spec import BATCH_FIELDS, Embedding, GuidanceLoss, RenderTask
-from farm.text import PromptEncoder, PromptError, pad_chunks
+from farm.spec import BATCH_FIELDS, GuidanceLoss, RenderTask
+from farm.text import LoadedEmbedding, PromptEncoder, PromptError, pad_chunks
 
 # How many latents the VAE decodes at once: its activations at full resolution dominate
 # peak memory (a 512x512 decode is ~3 GB at batch 8 in fp16), so decode in slices.
@@ -93,11 +94,11 @@ class Conditioning:
     truncated: list[bool]
 
 
-def prompt_encoder(components: Components, embeddings: tuple[Embedding, ...], long_prompt: str) -> PromptEncoder:
+def prompt_encoder(components: Components, embeddings: Sequence[LoadedEmbedding], long_prompt: str) -> PromptEncoder:
     """The model's prompt encoder for these textual-inversion files and long-prompt mode, kept
-    across batches: building one loads its files and copies the tokenizer, and its cache spares
-    re-encoding a grid's prompts in every batch (the embeddings are the same bits either way)."""
-    key = (embeddings, long_prompt)
+    across batches: building one copies the tokenizer, and its cache spares re-encoding a grid's
+    prompts in every batch (the embeddings are the same bits either way)."""
+    key = (tuple(e.embedding for e in embeddings), long_prompt)
     kept = components.encoders
     encoder = kept.pop(key, None) or PromptEncoder(components, embeddings, long_prompt)
     kept[key] = encoder  # most recently used last
@@ -106,15 +107,18 @@ def prompt_encoder(components: Components, embeddings: tuple[Embedding, ...], lo
     return encoder
 
 
-def encode_conditioning(components: Components, tasks: Sequence[RenderTask]) -> Conditioning:
-    """Each task's prompt (or prompt mix) and negative prompt as text embeddings.
+def encode_conditioning(
+    components: Components, tasks: Sequence[RenderTask], embeddings: Sequence[LoadedEmbedding] = ()
+) -> Conditioning:
+    """Each task's prompt (or prompt mix) and negative prompt as text embeddings; ``embeddings``
+    holds the vectors of the batch's textual-inversion files.
 
     Raises ``TaskInputError`` naming every task whose prompt, token mix or embedding
-    file this model cannot use.
+    this model cannot use.
     """
     first = tasks[0]
     try:
-        encoder = prompt_encoder(components, first.embeddings, first.long_prompt)
+        encoder = prompt_encoder(components, embeddings, first.long_prompt)
     except PromptError as exc:  # the embeddings are a batch field: every task shares the problem
         raise TaskInputError(dict.fromkeys(range(len(tasks)), str(exc))) from exc
     texts, unconds, tokens, truncated, errors = [], [], [], [], {}
@@ -410,9 +414,12 @@ def render_batch(
     components: Components,
     tasks: Sequence[RenderTask],
     init_images: Sequence[np.ndarray | None] | None = None,
+    embeddings: Sequence[LoadedEmbedding] = (),
 ) -> RenderResult:
     """Render tasks that share a batch key. ``init_images`` holds each img2img task's init image,
-    already fitted to the task size (``images.fit_image``), and None for the others.
+    already fitted to the task size (``images.fit_image``), and None for the others;
+    ``embeddings`` the vectors of the batch's textual-inversion files, in order
+    (``embeddings.load_embeddings(tasks[0].embeddings)``).
 
     Raises ``TaskInputError`` (before any denoising) for tasks whose inputs this model cannot use.
     """
@@ -422,10 +429,12 @@ def render_batch(
     init_images = list(init_images) if init_images is not None else [None] * len(tasks)
     if len(init_images) != len(tasks):
         raise ValueError("one init image (or None) per task")
+    if tuple(e.embedding for e in embeddings) != first.embeddings:
+        raise ValueError("embeddings: the loaded vectors of the batch's textual-inversion files, in order")
     loss_fn = resolve_loss(first.guidance_loss, len(tasks))
 
     # 2. Encode prompts: mixes, token mixes, textual inversion; each distinct prompt once
-    cond = encode_conditioning(components, tasks)
+    cond = encode_conditioning(components, tasks, embeddings)
 
     # 3. Prepare timesteps (img2img starts part way)
     scheduler = build_scheduler(first.scheduler, components.scheduler_config)

@@ -15,14 +15,12 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from PIL import Image
-
 from farm import manifest, storage
+from farm.images import open_rgb
+from farm.layout import REPORT_DIR
 
-REPORT_DIR = "report"
 THUMB_DIR = "thumbs"
 THUMB_SIZE = 256
-_OK_IMAGES = "status = 'ok' AND capture IS NULL"
 
 
 @dataclass
@@ -73,15 +71,14 @@ def write_report(job_root: str, out_dir: str | None = None, thumb_size: int = TH
     job_root = storage.normalise_root(job_root)
     manifest.open_job(job_root)  # a missing or non-job folder: a one-line ManifestError
     out_dir = storage.normalise_root(out_dir) if out_dir else storage.join(job_root, REPORT_DIR)
-    sql = f"SELECT * FROM {manifest.TABLE_NAME} WHERE {_OK_IMAGES} ORDER BY created_at, batch_id, batch_index"
+    sql = f"SELECT * FROM {manifest.TABLE_NAME} WHERE {manifest.OK_IMAGES} ORDER BY created_at, batch_id, batch_index"
     rows = manifest.query(job_root, sql).to_pylist()
 
     filesystem, base = storage.open_root(job_root)
     out_fs, out_base = storage.open_root(out_dir)
     for row in rows:
         data = storage.read_bytes(filesystem, storage.join(base, row["image_path"]))
-        with Image.open(io.BytesIO(data)) as image:
-            thumb = image.convert("RGB")
+        thumb = open_rgb(data)
         thumb.thumbnail((thumb_size, thumb_size))
         buffer = io.BytesIO()
         thumb.save(buffer, format="JPEG", quality=85)

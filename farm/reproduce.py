@@ -18,7 +18,6 @@ and a diff image is written to ``out_dir``.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -28,15 +27,16 @@ from typing import Any
 import numpy as np
 
 from farm import storage
-from farm.actor import frame_relpath, image_relpath
-from farm.images import encode_png, read_png_metadata, sha256_bytes
+from farm.errors import FarmError
+from farm.images import decode_rgb, encode_png, read_png_metadata, sha256_bytes
+from farm.layout import MANIFEST_DIR, frame_relpath, image_relpath
 from farm.spec import Batch, RenderTask
 
 # Fields of the PNG's ``farm`` chunk that describe where the image sat in its batch.
 PLACEMENT_FIELDS = ("batch_id", "batch_size", "batch_index")
 
 
-class ReproduceError(ValueError):
+class ReproduceError(FarmError, ValueError):
     """Bad input for ``farm reproduce``; its message is one line for the user."""
 
 
@@ -86,7 +86,7 @@ def reproduce_task(
     from farm import manifest
 
     if not manifest.has_manifest(job_root):
-        raise ReproduceError(f"{job_root}: no manifest here (expected {manifest.MANIFEST_DIR}/part-*.parquet)")
+        raise ReproduceError(f"{job_root}: no manifest here (expected {MANIFEST_DIR}/part-*.parquet)")
     rows = [r for r in manifest.read_manifest(job_root).to_pylist() if r["capture"] is None]
     mine = [r for r in rows if r["task_id"] == task_id]
     if not mine:
@@ -156,7 +156,7 @@ def reproduce_image(
 
     The PNG holds its task and its placement (batch id, size, index) but not the other tasks of
     its batch, so the task is rendered alone. Rendered alone, an image may differ from its
-    batch render by the small tolerance the README states from measurement (at most 1/255 in
+    batch render by the small tolerance docs/reproducibility.md states from measurement (at most 1/255 in
     a channel on ``tiny``, float32, CPU); only an image recorded in a batch of one is expected
     to be identical. So that a different placement does not by itself change the bytes, the
     new pixels are encoded with the recorded placement fields (``batch_id``, ``batch_size``,
@@ -206,7 +206,7 @@ def reproduce_image(
     if recorded_batch_size != 1:
         new_meta = read_png_metadata(new)
         new_meta.update({k: meta[k] for k in PLACEMENT_FIELDS if k in meta})
-        new = encode_png(_pixels(new), new_meta)
+        new = encode_png(decode_rgb(new), new_meta)
     return _compare(
         task.task_id,
         str(png_path),
@@ -247,17 +247,18 @@ def _render(
     threads = torch.get_num_threads()
     try:
         with tempfile.TemporaryDirectory(prefix="farm-reproduce-") as folder:
-            # CPU actors run one torch thread (README, "Reproducibility"); GPU actors keep the default.
-            renderer = BatchRenderer(
-                "reproduce", folder, dtype, allow_pickle, model_config, 1 if device == "cpu" else None
-            )
+            # CPU actors run one torch thread (docs/reproducibility.md); GPU actors keep the default.
+            model = batch.tasks[0].model
             try:
-                info = renderer.load(batch.tasks[0].model)
-            except ModelError as exc:
-                raise ReproduceError(f"model {batch.tasks[0].model}: {exc}") from exc
+                renderer = BatchRenderer(
+                    "reproduce", folder, model, dtype, allow_pickle, model_config, 1 if device == "cpu" else None
+                )
+            except ModelError as exc:  # its message names the model already
+                raise ReproduceError(str(exc)) from exc
+            info = renderer.info()
             if recorded_hash and info["model_hash"] != recorded_hash:
                 warnings.append(
-                    f"the model {batch.tasks[0].model!r} now hashes to {info['model_hash'][:12]}, "
+                    f"the model {model!r} now hashes to {info['model_hash'][:12]}, "
                     f"recorded {recorded_hash[:12]}: it is not the model that rendered the image"
                 )
             if recorded_device and recorded_device != info["device"]:
@@ -315,11 +316,11 @@ def _compare(
     max_diff, mean_diff, diff_path, reproduced_path = 0, 0.0, None, None
     if not identical:
         try:
-            old_pixels = _pixels(recorded)
+            old_pixels = decode_rgb(recorded)
         except Exception as exc:  # noqa: BLE001 - the recorded file may be anything now
             old_pixels = None
             warnings.append(f"the recorded file is not a readable image ({exc})")
-        new_pixels = _pixels(new)
+        new_pixels = decode_rgb(new)
         os.makedirs(out_dir, exist_ok=True)
         reproduced_path = os.path.join(out_dir, f"{task_id}.reproduced.png")
         Path(reproduced_path).write_bytes(new)
@@ -363,23 +364,9 @@ def diff_image(diff: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _pixels(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
 def _created(row: dict[str, Any]) -> Any:
     return (row["created_at"] is not None, row["created_at"])
 
 
 def _latest(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return max(rows, key=_created)
-
-
-def comparison_json(result: Comparison) -> str:
-    """The comparison as one JSON line (``farm reproduce --json``)."""
-    from dataclasses import asdict
-
-    return json.dumps(asdict(result), sort_keys=True)

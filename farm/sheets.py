@@ -6,7 +6,6 @@ Pure functions over PIL images and the manifest: no Ray, no torch. Images are re
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +13,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from farm import manifest, storage
+from farm.errors import FarmError
+from farm.images import open_rgb
 
 # The longest side of a plot or sheet, in pixels. A 100 x 100 sweep of 512 px images would
 # be 51200 px a side (7.5 GiB of RGB); cells are shrunk before they are pasted, so neither
@@ -32,10 +33,9 @@ TEXT_COLOUR = (0, 0, 0)
 EMPTY_COLOUR = (128, 128, 128)  # a cell with no image
 
 # Image rows only: ok, and not a captured step frame.
-_OK_IMAGES = "status = 'ok' AND capture IS NULL"
 
 
-class SheetError(ValueError):
+class SheetError(FarmError, ValueError):
     """A bad option, a --where that fails or matches nothing: one line for the user."""
 
 
@@ -88,7 +88,7 @@ def xy_plot(
     down the left, the prompt as the title; cells shrunk so the longer side is <= max_side."""
     for option, column in (("--x", x), ("--y", y)):
         if column not in _column_names():
-            raise SheetError(f"{option} {column}: not a manifest column (see the README's manifest table)")
+            raise SheetError(f"{option} {column}: not a manifest column (see the column table in docs/manifest.md)")
     rows = _rows(job_root, f'task_id, prompt, image_path, "{x}" AS x_value, "{y}" AS y_value', where, "task_id")
     x_values = _distinct(r["x_value"] for r in rows)
     y_values = _distinct(r["y_value"] for r in rows)
@@ -173,7 +173,7 @@ def _rows(job_root: str, select: str, where: str | None, order: str) -> list[dic
     import duckdb
 
     manifest.open_job(job_root)  # a missing or non-job folder: a one-line ManifestError
-    condition = _OK_IMAGES + (f" AND ({where})" if where and where.strip() else "")
+    condition = manifest.OK_IMAGES + (f" AND ({where})" if where and where.strip() else "")
     sql = f"SELECT {select} FROM {manifest.TABLE_NAME} WHERE {condition} ORDER BY {order}"
     try:
         rows = manifest.query(job_root, sql).to_pylist()
@@ -200,8 +200,7 @@ def _label(value: Any) -> str:
 
 def _load(filesystem, base: str, image_path: str) -> Image.Image:
     data = storage.read_bytes(filesystem, storage.join(base, image_path))
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+    return open_rgb(data)
 
 
 def _cell_size(size: tuple[int, int], nx: int, ny: int, room_x: int, room_y: int) -> tuple[int, int]:

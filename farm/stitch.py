@@ -1,13 +1,13 @@
 """Stitch a job's images into a video: animation frames, a walk, or a step capture.
 
 Rows come from the manifest (``farm video``) or, at the end of an animate or walk job, from
-the driver's own list of a shot's frames. Images are read one at a time, so a long clip
-never sits in memory whole.
+the job's own tasks and the set of those done (``write_shot_videos``, which the driver calls
+and whose results it records). Images are read one at a time, so a long clip never sits in
+memory whole.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -17,22 +17,20 @@ from typing import Any
 
 import numpy as np
 from pyarrow import fs as pafs
+from pyarrow.lib import ArrowException
 
 from farm import manifest, storage
+from farm.errors import FarmError
 from farm.images import decode_rgb
+from farm.layout import animation_fps, image_relpath, video_name
+from farm.spec import DEFAULT_FPS, JobSpec, RenderTask, shots
 from farm.video import VIDEO_SUFFIXES, VideoError, flicker, side_by_side, write_video
 
-# The job folder's record of an animation's frame rate and shape, written at the start of
-# its run, so `farm video` plays it at the source's speed.
-ANIMATION_FILE = "animation.json"
-DEFAULT_FPS = 12.0
 # Images in the order they were made: frames, then captured steps, then render order.
 DEFAULT_ORDER = "frame NULLS LAST, step_index NULLS LAST, created_at, batch_index"
-_OK = "status = 'ok'"
-_IMAGES = "capture IS NULL"
 
 
-class StitchError(Exception):
+class StitchError(FarmError):
     """A selection that gives no video (no rows, two shots mixed, a bad option): one line for the user."""
 
 
@@ -87,19 +85,48 @@ def write_job_video(
     return VideoResult(output, count, fps, sum(pairs) / len(pairs) if pairs else 0.0)
 
 
+@dataclass
+class ShotVideos:
+    """What ``write_shot_videos`` wrote: each video's name (in the job folder) and flicker,
+    and one line per video it could not write or wrote with frames missing."""
+
+    videos: list[tuple[str, float]]
+    errors: list[str]
+
+
+def write_shot_videos(spec: JobSpec, root: str, tasks: Iterable[RenderTask], done: set[str]) -> ShotVideos:
+    """An animation's shots, each of its frames done in order, as OUT/<job>/<job>.mp4
+    (<job>-shot<N>.mp4 for several). ``tasks`` are the job's tasks, ``done`` the ids with ok rows.
+
+    A video that cannot be written is an error line, not an exception: the frames are safe
+    and `farm video` can write it again.
+    """
+    result = ShotVideos([], [])
+    if spec.animation is None:  # only animate and walk jobs have shots
+        return result
+    filesystem, base = storage.open_root(root)
+    count = spec.count() // spec.frames_per_shot
+    for index, shot in enumerate(shots(spec, tasks)):
+        frames = [image_relpath(t.task_id) for t in shot if t.task_id in done]
+        if not frames:
+            continue
+        name = video_name(spec.name, index, count)
+        try:
+            video = write_job_video(filesystem, base, frames, storage.join(root, name), spec.animation.fps)
+        except (StitchError, VideoError, OSError, ArrowException) as exc:
+            result.errors.append(f"{name}: not written: {exc}")
+            continue
+        result.videos.append((name, video.flicker))
+        if len(frames) < len(shot):
+            result.errors.append(f"{name}: {len(frames)} of {len(shot)} frames ({len(shot) - len(frames)} failed)")
+    return result
+
+
 def _read_local(path: str) -> np.ndarray:
     try:
         return decode_rgb(Path(path).read_bytes())
     except OSError as exc:
         raise StitchError(f"--side-by-side: cannot read source frame {path} ({exc})") from exc
-
-
-def animation_fps(filesystem: Any, base: str) -> float | None:
-    """The frame rate an animate or walk job recorded in its folder, else None."""
-    path = storage.join(base, ANIMATION_FILE)
-    if not storage.exists(filesystem, path):
-        return None
-    return float(json.loads(storage.read_bytes(filesystem, path))["fps"])
 
 
 def select_rows(job_root: str, where: str | None, order: str | None) -> list[dict[str, Any]]:
@@ -110,7 +137,7 @@ def select_rows(job_root: str, where: str | None, order: str | None) -> list[dic
     columns = [name for name, _, _ in manifest.COLUMNS]
     if order is not None and order not in columns:
         raise StitchError(f"--order: unknown column {order!r}; expected one of {', '.join(columns)}")
-    condition = f"{_OK} AND ({where})" if where and where.strip() else f"{_OK} AND {_IMAGES}"
+    condition = f"{manifest.OK} AND ({where})" if where and where.strip() else manifest.OK_IMAGES
     sql = (
         f"SELECT image_path, init_image, frame, capture, step_index, task_id FROM {manifest.TABLE_NAME} "
         f"WHERE {condition} ORDER BY {order or DEFAULT_ORDER}"
@@ -156,7 +183,7 @@ def stitch(
         sources = [r["init_image"] for r in rows]
         if any(s is None for s in sources):
             raise StitchError("--side-by-side: some rows have no init_image (source frame) to show")
-    fps = fps or animation_fps(filesystem, base) or DEFAULT_FPS
+    fps = fps or animation_fps(job_root) or DEFAULT_FPS
     try:
         return write_job_video(filesystem, base, [r["image_path"] for r in rows], output, fps, sources)
     except VideoError as exc:

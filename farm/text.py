@@ -1,38 +1,43 @@
-"""The text side of the render core: prompts -> text embeddings for the UNet. No Ray, no files written.
+"""The text side of the render core: prompts -> text embeddings for the UNet. No Ray, no files.
 
 Every prompt takes one path: token ids -> token embeddings (the model's table, extended by any
 textual-inversion vectors) -> optional token mixing (the notebook's puppy + skunk) -> the rest of
 the CLIP text transformer (position embeddings, causal encoder, final layer norm). Each distinct
 prompt is encoded alone, so its embedding never depends on which other prompts share a batch.
+Textual-inversion vectors arrive as tensors (``LoadedEmbedding``); ``farm.embeddings`` reads the files.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import pickle
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from farm.models import Components, file_sha256
+from farm.errors import FarmError
+from farm.models import Components
 from farm.spec import LONG_PROMPT_MODES, Embedding, TokenMix
 
 # Distinct prompts one encoder keeps: an actor may live through a sweep of thousands of prompts,
 # and each embedding (77 x 768 in fp16, ~118 KB per chunk) sits on the GPU while cached.
 CACHE_SIZE = 256
-# .bin and .pt are pickles, read only through torch.load(weights_only=True); other suffixes
-# (A1111's embeddings hidden in .png files, say) are not supported.
-EMBEDDING_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
-class PromptError(ValueError):
+class PromptError(FarmError, ValueError):
     """A prompt, token mix or embedding this model cannot use; the message names the field."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields with == has no single truth value
+class LoadedEmbedding:
+    """One textual-inversion file's contents, as ``farm.embeddings`` reads it."""
+
+    embedding: Embedding  # the job's reference to the file (its path names the file in messages)
+    token: str  # the trigger: the job's token, else the name stored in the file, else the file's stem
+    vectors: torch.Tensor  # (n, d) float32 on the CPU, finite
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields with == has no single truth value
@@ -42,93 +47,6 @@ class EncodedPrompt:
     embeds: torch.Tensor  # (1, 77 * chunks, d) on the components' device, in the text encoder's dtype
     tokens: int  # the prompt's token count without BOS/EOS, after textual-inversion expansion
     truncated: bool  # True when truncate mode dropped tokens
-
-
-# ---------------------------------------------------------------------------------------
-# Textual-inversion files
-
-
-def load_embedding_file(path: str, token: str | None = None) -> tuple[str, torch.Tensor]:
-    """Read a textual-inversion file (diffusers or A1111) -> (trigger token, vectors (n, d) float32 on CPU)."""
-    found_token, vectors = find_vectors(read_embedding_file(path), path)
-    return token or found_token or Path(path).stem, as_vector_rows(vectors, path)
-
-
-def read_embedding_file(path: str) -> Any:
-    """The file's contents: a dict of tensors (or a bare tensor), read without running code."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in EMBEDDING_SUFFIXES:
-        raise PromptError(f"{path}: expected a textual-inversion file ending in {', '.join(EMBEDDING_SUFFIXES)}")
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except Exception as exc:  # OSError, SafetensorError, ...: the user needs one line either way
-            raise PromptError(f"{path}: cannot read as safetensors ({exc})") from exc
-    try:
-        # A pickle may hold any object, and unpickling it can run code; weights_only admits only
-        # tensors and plain containers (DESIGN.md: the safety contract for textual-inversion .bin files).
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch words every failure "Weights only load failed"; a refused object names a GLOBAL or
-        # the allowlist (add_safe_globals), while a corrupt file fails on an unknown opcode.
-        refused = re.search(r"GLOBAL (\S+)|add_safe_globals", str(exc))
-        if refused:
-            what = f" ({refused.group(1)})" if refused.group(1) else ""
-            raise PromptError(
-                f"{path}: refused: the pickle holds a Python object{what} beyond tensors, and loading it "
-                "could run code; convert the embedding to .safetensors"
-            ) from exc
-        raise PromptError(f"{path}: cannot read: not a valid torch.save file") from exc
-    except Exception as exc:  # a corrupt file raises RuntimeError, EOFError, OSError, ... from torch.load
-        raise PromptError(f"{path}: cannot read ({_first_line(exc)})") from exc
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def find_vectors(state: Any, path: str) -> tuple[str | None, Any]:
-    """The (stored token name, vectors) of a loaded file, in any of the formats in use."""
-    if isinstance(state, torch.Tensor):  # a bare tensor saved with torch.save: no name stored
-        return None, state
-    if not isinstance(state, dict):
-        raise PromptError(f"{path}: holds a {type(state).__name__}, not a textual-inversion embedding")
-    if "string_to_param" in state:  # A1111 .pt: {'string_to_param': {'*': (n, d)}, 'name': ...}
-        params = state["string_to_param"]
-        if not isinstance(params, dict) or "*" not in params:
-            raise PromptError(f"{path}: 'string_to_param' has no '*' entry (an A1111 embedding has one)")
-        name = state.get("name")
-        return (name if isinstance(name, str) and name else None), params["*"]
-    if "emb_params" in state:  # A1111 .safetensors: no name stored, the file stem serves
-        return None, state["emb_params"]
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise PromptError(f"{path}: holds no tensors; not a textual-inversion embedding")
-    if len(tensors) > 1:
-        keys = ", ".join(sorted(map(str, tensors))[:4])
-        raise PromptError(
-            f"{path}: holds {len(tensors)} tensors ({keys}); expected one (diffusers), "
-            "or 'string_to_param' / 'emb_params' (A1111)"
-        )
-    ((name, vectors),) = tensors.items()  # diffusers: {token: vectors}
-    return str(name), vectors
-
-
-def as_vector_rows(vectors: Any, path: str) -> torch.Tensor:
-    """Vectors as a float32 CPU tensor (n, d); a single vector (d,) becomes (1, d)."""
-    if not isinstance(vectors, torch.Tensor):
-        raise PromptError(f"{path}: the embedding is a {type(vectors).__name__}, not a tensor")
-    rows = vectors.detach().to("cpu", torch.float32)
-    if rows.ndim == 1:
-        rows = rows.unsqueeze(0)
-    if rows.ndim != 2 or 0 in rows.shape:
-        raise PromptError(f"{path}: vectors of shape {tuple(vectors.shape)}; expected (d,) or (n, d)")
-    if not torch.isfinite(rows).all():
-        raise PromptError(f"{path}: the vectors hold NaN or infinite values")
-    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,7 +78,7 @@ class PromptEncoder:
     """Encodes prompts for one model plus its own textual-inversion tokens; caches each distinct prompt."""
 
     def __init__(
-        self, components: Components, embeddings: Sequence[Embedding] = (), long_prompt: str = "truncate"
+        self, components: Components, embeddings: Sequence[LoadedEmbedding] = (), long_prompt: str = "truncate"
     ) -> None:
         if long_prompt not in LONG_PROMPT_MODES:
             modes = ", ".join(LONG_PROMPT_MODES)
@@ -184,18 +102,15 @@ class PromptEncoder:
 
     # -- textual inversion
 
-    def add_embedding(self, embedding: Embedding, where: str) -> None:
-        """Load one textual-inversion file and teach its token(s) to this encoder's tokenizer copy."""
-        try:
-            check_sha256(embedding)
-            token, vectors = load_embedding_file(embedding.path, embedding.token)
-        except PromptError as exc:
-            raise PromptError(f"{where}: {exc}") from exc
+    def add_embedding(self, loaded: LoadedEmbedding, where: str) -> None:
+        """Teach one textual-inversion file's token(s) to this encoder's tokenizer copy."""
+        token, vectors = loaded.token, loaded.vectors
         count, size = vectors.shape
         needed = self.extra.shape[1]
         if size != needed:
             raise PromptError(
-                f"{where}: {embedding.path} holds vectors of size {size}; this model's text encoder needs {needed}"
+                f"{where}: {loaded.embedding.path} holds vectors of size {size}; "
+                f"this model's text encoder needs {needed}"
             )
         # diffusers' naming, so prompts written for diffusers work: token, token_1, ..., token_{n-1}.
         names = [token] + [f"{token}_{i}" for i in range(1, count)]
@@ -318,21 +233,6 @@ class PromptEncoder:
         if len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
         return encoded
-
-
-def check_sha256(embedding: Embedding) -> None:
-    """The file must be the one the job recorded, or the manifest row would not be its recipe."""
-    if not embedding.sha256:
-        return
-    try:
-        actual = file_sha256(embedding.path)
-    except OSError as exc:
-        raise PromptError(f"{embedding.path}: cannot read ({exc.strerror or exc})") from exc
-    if actual != embedding.sha256:
-        raise PromptError(
-            f"{embedding.path}: changed since the job was read (sha256 {actual[:12]}..., expected "
-            f"{embedding.sha256[:12]}...)"
-        )
 
 
 def pad_chunks(embeds: Sequence[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import assert_dry_run_fails
 
-from farm.animation import DEFAULT_FPS
 from farm.driver import WorkQueue, plan_work
-from farm.spec import Batch, RenderTask, SpecError, load_job, parse_job
+from farm.spec import Animation, Batch, RenderTask, SpecError, load_job, parse_job, shots
+from farm.spec.animation import DEFAULT_FPS
 
 FRAMES = 24
 SIZE = 64
@@ -197,6 +197,16 @@ def test_chained_shots_are_chains_of_one_frame_batches(tmp_path: Path, clip: Pat
     assert [b.tasks[0].task_id for b in dropped] == [t.task_id for t in tasks[5:8]]
 
 
+def test_shots_cut_an_animations_tasks_at_each_sweep_combination(tmp_path: Path, clip: Path):
+    spec = load_job(job(tmp_path, "sweep: {seed: [1, 2]}\nanimate: {source: clip.mp4, end: 3, mode: chained}\n"))
+    cut = list(shots(spec, spec.tasks()))
+    assert [[(t.seed, t.frame) for t in shot] for shot in cut] == [[(1, 0), (1, 1), (1, 2)], [(2, 0), (2, 1), (2, 2)]]
+
+
+def test_animation_fps_default_is_the_sections_default():
+    assert Animation(frames=((),)).fps == DEFAULT_FPS  # task.py holds a literal; keep the two in step
+
+
 def test_independent_frames_batch_together(tmp_path: Path, clip: Path):
     spec = load_job(job(tmp_path, "animate: {source: clip.mp4}\n"))
     work = plan_work(spec, spec.tasks(), set(), batch_size=8)
@@ -356,7 +366,7 @@ def render_chain(tasks: list[RenderTask], folder: Path) -> list[tuple[str, str]]
     one, in float16; else on CPU): each frame's (device, PNG sha256)."""
     from farm.actor import BatchRenderer
 
-    renderer = BatchRenderer("chain", str(folder), "auto", threads=1)
+    renderer = BatchRenderer("chain", str(folder), "tiny", "auto", threads=1)
     rows = []
     for task in tasks:
         (row,) = renderer.render(Batch.of([task]))
@@ -375,21 +385,22 @@ def test_a_chained_frames_init_image_is_its_source_blended_with_the_frame_before
 ):
     from PIL import Image
 
-    from farm.actor import BatchRenderer
     from farm.images import fit_image
+    from farm.inputs import read_init_image
+    from farm.storage import open_root
     from farm.video import blend_images, match_colors
 
     tasks = chained_tasks(tmp_path, clip)
-    renderer = BatchRenderer("chain", str(tmp_path / "out"), "float32", threads=1)
+    filesystem, base = open_root(str(tmp_path / "out"))
     errors: dict[str, str] = {}
-    assert renderer.read_init_image(tasks[1], errors) is None
+    assert read_init_image(tasks[1], filesystem, base, errors) is None
     assert "is missing (did that frame fail?)" in errors[tasks[1].task_id]
 
     render_chain(tasks[:1], tmp_path / "out")
     frame0 = np.asarray(Image.open(tmp_path / "out" / "images" / f"{tasks[0].task_id}.png").convert("RGB"))
     source = fit_image(Path(tasks[1].init_image).read_bytes(), SIZE, SIZE)
     expected = match_colors(blend_images(source, frame0, 0.4), frame0)
-    init = renderer.read_init_image(tasks[1], {})
+    init = read_init_image(tasks[1], filesystem, base, {})
     assert np.array_equal(init, expected)
     assert not np.array_equal(init, source) and not np.array_equal(init, frame0)
 

@@ -110,10 +110,10 @@ def test_out_of_memory_splits_the_batch(tiny_path, tmp_path, monkeypatch):
 
     real = render.render_batch
 
-    def small_gpu(components, tasks, init_images=None):
+    def small_gpu(components, tasks, init_images=None, embeddings=()):
         if len(tasks) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(components, tasks, init_images)
+        return real(components, tasks, init_images, embeddings)
 
     monkeypatch.setattr(render, "render_batch", small_gpu)
     spec = parse_job(
@@ -122,7 +122,7 @@ def test_out_of_memory_splits_the_batch(tiny_path, tmp_path, monkeypatch):
     batch = Batch.of(spec.tasks())
     threads = torch.get_num_threads()
     try:
-        renderer = BatchRenderer("oom", str(tmp_path), threads=1)
+        renderer = BatchRenderer("oom", str(tmp_path), "tiny", threads=1)
         rows = renderer.render(batch)
         expected = [real(renderer.components, batch.tasks[i : i + 2]).images for i in range(0, 8, 2)]
     finally:
@@ -142,14 +142,14 @@ def test_out_of_memory_splits_the_batch(tiny_path, tmp_path, monkeypatch):
 def test_a_task_too_big_alone_fails_with_the_reason(tiny_path, tmp_path, monkeypatch):
     from farm import render
 
-    def no_memory(components, tasks, init_images=None):
+    def no_memory(components, tasks, init_images=None, embeddings=()):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(render, "render_batch", no_memory)
     spec = parse_job("model: tiny\ndefaults: {steps: 2, width: 64, height: 64}\nsweep: {seed: [1, 2, 3]}")
     threads = torch.get_num_threads()
     try:
-        rows = BatchRenderer("oom", str(tmp_path), threads=1).render(Batch.of(spec.tasks()))
+        rows = BatchRenderer("oom", str(tmp_path), "tiny", threads=1).render(Batch.of(spec.tasks()))
     finally:
         torch.set_num_threads(threads)
     assert [r["status"] for r in rows] == ["failed"] * 3

@@ -1,5 +1,5 @@
 """Metrics: farm/metrics.py records through ray.util.metrics, Ray's metrics agent exports them,
-and dashboards/farm.json only reads names that are exported (README, "Metrics and dashboards")."""
+and dashboards/farm.json only reads names that are exported (docs/metrics.md)."""
 
 from __future__ import annotations
 

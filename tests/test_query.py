@@ -12,9 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from farm import manifest
-from farm.actor import base_row
 from farm.cli import main
-from farm.manifest import SCHEMA, compact, ok_task_ids, query, read_manifest, runs, write_part
+from farm.manifest import SCHEMA, base_row, compact, ok_task_ids, query, read_manifest, runs, write_part
 from farm.spec import Batch, RenderTask
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)

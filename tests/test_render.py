@@ -11,7 +11,7 @@ from farm.noise import initial_noise, make_generator
 from farm.spec import SCHEDULERS, RenderTask
 
 # Largest per-channel difference (out of 255) between an image rendered in its batch and
-# rendered alone, for the non-DDIM schedulers; README "Reproducibility" gives the measurements.
+# rendered alone, for the non-DDIM schedulers; docs/reproducibility.md gives the measurements.
 ALONE_TOLERANCE = 2
 
 

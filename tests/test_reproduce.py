@@ -15,6 +15,7 @@ from PIL import Image
 from farm import manifest
 from farm.actor import BatchRenderer
 from farm.images import encode_png, read_png_metadata, sha256_bytes
+from farm.layout import MANIFEST_DIR
 from farm.reproduce import Comparison, ReproduceError, reproduce_image, reproduce_task
 from farm.spec import Batch, parse_job
 
@@ -50,7 +51,7 @@ def job(tiny_path, tmp_path_factory) -> tuple[Path, list]:
     root = folder / "out" / "repro"
     threads = torch.get_num_threads()
     try:
-        renderer = BatchRenderer("repro", str(root), threads=1)
+        renderer = BatchRenderer("repro", str(root), "tiny", threads=1)
         for batch in (Batch.of(tasks[:3]), Batch.of(tasks[3:]), Batch.of([bad_task])):
             manifest.write_part(str(root), renderer.render(batch))
     finally:
@@ -152,7 +153,7 @@ def test_from_the_png_alone_an_image_of_a_batch_is_rendered_alone_within_the_tol
     result = reproduce_image(str(_image(root, tasks[index])), str(tmp_path))
     assert (result.rendered_alone, result.batch_size, result.recorded_batch_size) == (True, 1, 3)
     assert result.task_id == tasks[index].task_id
-    assert result.max_difference <= 2  # README, "Reproducibility": measured at most 1
+    assert result.max_difference <= 2  # docs/reproducibility.md: measured at most 1
     # the new pixels are encoded with the recorded placement, so equal pixels give equal bytes
     assert result.identical == (result.max_difference == 0)
     assert (result.diff_path is None) == result.identical
@@ -192,7 +193,7 @@ def test_from_the_png_alone_an_altered_image_differs(job, tmp_path):
 def test_a_changed_model_hash_is_warned_about(job, tmp_path):
     root = _copy(job, tmp_path)
     rows = manifest.read_manifest(str(root)).to_pylist()
-    shutil.rmtree(root / manifest.MANIFEST_DIR)
+    shutil.rmtree(root / MANIFEST_DIR)
     manifest.write_part(str(root), [r | {"model_hash": "0" * 64} for r in rows])
     result = reproduce_task(str(root), job[1][3].task_id, str(tmp_path / "diff"))
     assert any("is not the model that rendered the image" in w for w in result.warnings), result.warnings

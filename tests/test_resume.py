@@ -90,7 +90,7 @@ def test_a_batch_that_keeps_failing_gets_failed_rows_and_the_job_goes_on(ray_ses
     """The driver's retry path, with a stand-in actor whose render raises for one prompt."""
     import ray
 
-    from farm.actor import base_row
+    from farm.manifest import base_row
 
     @ray.remote
     class Flaky:

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from farm import driver
-from farm.actor import base_row, frame_relpath, image_relpath
+from farm.layout import frame_relpath, image_relpath
+from farm.manifest import base_row
 from farm.spec import Batch, RenderTask
 
 

@@ -11,9 +11,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from farm.actor import base_row
 from farm.cli import main
-from farm.manifest import ManifestError, write_part
+from farm.manifest import ManifestError, base_row, write_part
 from farm.sheets import (
     LABEL_HEIGHT,
     LABEL_WIDTH,

@@ -113,3 +113,34 @@ def test_single_file_renders_identical_bytes(single_file_components: Components,
     assert from_file.shape == (1, 64, 64, 3)
     assert from_file.tobytes() == from_folder.tobytes()
     assert file_scheduler == folder_scheduler
+
+
+def test_farm_reproduce_takes_a_single_files_model_config(single_file: Path, config_only: Path, tmp_path: Path):
+    """A PNG does not record the job's model_config: `farm reproduce PNG --model-config DIR` renders it
+    again from the single file, bit for bit; without it, the configs cannot be found (exit 2, one line)."""
+    from click.testing import CliRunner
+
+    from farm.actor import BatchRenderer
+    from farm.cli import main
+    from farm.spec import Batch
+
+    task = RenderTask(str(single_file), "euler", "a cat", "", 1, 4, 7.5, 64, 64)
+    root = tmp_path / "job"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", _no_network)
+        renderer = BatchRenderer(
+            "job", str(root), str(single_file), "float32", model_config=str(config_only), threads=1
+        )
+        (row,) = renderer.render(Batch.of([task]))
+    png = root / row["image_path"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", _no_network)
+        again = CliRunner().invoke(
+            main, ["reproduce", str(png), "--model-config", str(config_only), "--diff-dir", str(tmp_path / "diff")]
+        )
+        assert again.exit_code == 0, again.output
+        assert "identical" in again.output
+        without = CliRunner().invoke(main, ["reproduce", str(png), "--diff-dir", str(tmp_path / "diff")])
+    assert without.exit_code == 2, without.output
+    assert without.output.startswith("error: ") and "model_config" in without.output, without.output
+    assert "Traceback" not in without.output

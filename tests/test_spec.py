@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,25 @@ def test_dry_run_prints_count_and_first_tasks_without_ray(tmp_path: Path):
 def test_spec_raises_spec_error_type():
     with pytest.raises(SpecError, match="sweep.steps"):
         parse_job("sweep: {steps: 3}")
+
+
+def test_spec_package_imports_one_way():
+    """task imports no other spec module; fields only task; animation task and fields; job all
+    three (tests/test_layout.py checks privates, cycles and sizes for the whole package)."""
+    import farm.spec
+
+    allowed = {
+        "task": set(),
+        "fields": {"task"},
+        "animation": {"task", "fields"},
+        "job": {"task", "fields", "animation"},
+        "__init__": {"task", "fields", "animation", "job"},
+    }
+    folder = Path(farm.spec.__file__).parent
+    assert {p.stem for p in folder.glob("*.py")} == set(allowed)
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("farm.spec"):
+                assert node.module.removeprefix("farm.spec.") in allowed[path.stem], f"{path.name}: {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("farm.spec") for a in node.names), path.name

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from conftest import assert_dry_run_fails
 
 from farm.cli import main
-from farm.spec import RenderTask, SpecError, file_sha256, parse_job
+from farm.models import file_sha256
+from farm.spec import DEFAULT_LOSS_EVERY, DEFAULT_LOSS_SCALE, GuidanceLoss, RenderTask, SpecError, parse_job
 
 
 @pytest.fixture
@@ -214,3 +215,9 @@ def test_checks_across_fields_hold_on_large_sweeps():
 def test_perturb_with_a_random_seed_has_one_base_seed():
     text = "kind: perturb\ndefaults: {seed: random}\nperturb: {seeds: [1, 2], strengths: [0.1, 0.2]}"
     assert len({t.seed for t in parse_job(text).tasks(random_base=5)}) == 1
+
+
+def test_guidance_loss_defaults_are_the_specs_defaults():
+    # task.py holds literals (it imports nothing from fields.py); keep the two in step.
+    loss = GuidanceLoss(name="color")
+    assert (loss.scale, loss.every) == (DEFAULT_LOSS_SCALE, DEFAULT_LOSS_EVERY)

@@ -13,7 +13,8 @@ from PIL import Image
 from farm import render
 from farm.images import fit_image
 from farm.noise import initial_noise, make_generator, perturb, slerp, task_noise
-from farm.spec import SCHEDULERS, Embedding, GuidanceLoss, MixPart, RenderTask, TokenMix
+from farm.spec import SCHEDULERS, Batch, Embedding, GuidanceLoss, MixPart, RenderTask, TokenMix
+from farm.text import LoadedEmbedding
 
 BLUE = GuidanceLoss(name="color", target=(None, None, 0.9), scale=2000.0, every=1)
 
@@ -185,12 +186,36 @@ def test_a_bad_prompt_input_fails_only_its_task(tiny_components):
     assert "token_mix.token: 'puppy' does not occur in the prompt" in caught.value.errors[1]
 
 
-def test_a_missing_embedding_file_fails_every_task_of_the_batch(tiny_components, tmp_path):
-    gone = Embedding(path=str(tmp_path / "gone.safetensors"), sha256="0")
+def test_an_embedding_the_model_cannot_use_fails_every_task_of_the_batch(tiny_components):
+    big = LoadedEmbedding(Embedding(path="sd15.safetensors", sha256=""), "<big>", torch.zeros(1, 768))
+    tasks = [task(embeddings=(big.embedding,)), task(seed=2, embeddings=(big.embedding,))]
     with pytest.raises(render.TaskInputError) as caught:
-        render.render_batch(tiny_components, [task(embeddings=(gone,)), task(seed=2, embeddings=(gone,))])
+        render.render_batch(tiny_components, tasks, embeddings=[big])
     assert sorted(caught.value.errors) == [0, 1]
-    assert caught.value.errors[0].startswith("embeddings[0]")
+    assert caught.value.errors[0].startswith("embeddings[0]: sd15.safetensors holds vectors of size 768")
+
+
+def test_the_render_core_takes_the_batchs_embeddings_as_vectors(tiny_components):
+    """Its files are read by farm.embeddings; a batch given no (or other) vectors is a caller's mistake."""
+    style = Embedding(path="style.safetensors", sha256="")
+    with pytest.raises(ValueError, match="^embeddings: the loaded vectors"):
+        render.render_batch(tiny_components, [task(embeddings=(style,))])
+
+
+def test_a_missing_embedding_file_fails_every_task_of_the_batch(tiny_path, tmp_path):
+    """The actor reads the files (no Ray here): one it cannot read fails each task with its message."""
+    from farm.actor import BatchRenderer
+
+    gone = Embedding(path=str(tmp_path / "gone.safetensors"), sha256="0")
+    batch = Batch.of([task(embeddings=(gone,), steps=2), task(seed=2, embeddings=(gone,), steps=2)])
+    threads = torch.get_num_threads()
+    try:
+        rows = BatchRenderer("gone", str(tmp_path / "out"), "tiny", "float32", threads=1).render(batch)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert rows[0]["error"] == rows[1]["error"]
+    assert rows[0]["error"].startswith(f"embeddings[0]: {gone.path}: cannot read (No such file")
 
 
 # ---------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_each_image_reproduces_from_its_manifest_rows(steer_run, tmp_path):
             batches.setdefault(row["batch_id"], []).append(row)
     threads = torch.get_num_threads()
     try:
-        renderer = BatchRenderer("again", str(tmp_path), threads=1)  # what a CPU actor uses
+        renderer = BatchRenderer("again", str(tmp_path), "tiny", threads=1)  # what a CPU actor uses
         again = {}
         for batch_id, members in batches.items():
             members.sort(key=lambda r: r["batch_index"])
@@ -179,7 +179,7 @@ def test_a_batch_whose_task_failed_resumes_without_touching_the_others(tiny_path
     batch = Batch.of(spec.tasks())
     threads = torch.get_num_threads()
     try:
-        renderer = BatchRenderer("part", str(tmp_path / "out"), threads=1)
+        renderer = BatchRenderer("part", str(tmp_path / "out"), "tiny", threads=1)
         good = (tmp_path / "init.png").read_bytes()
         (tmp_path / "init.png").write_bytes(b"gone")
         failing = renderer.render(Batch(batch.batch_id, batch.tasks[1:2]))

@@ -1,16 +1,15 @@
-"""The text side of the render core: plain encoding, textual inversion, token mixing, long prompts."""
+"""The text side of the render core: plain encoding, textual inversion, token mixing, long prompts.
+
+Textual-inversion vectors arrive here as tensors; reading their files is tested in test_embeddings.py.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from farm.models import file_sha256
 from farm.spec import Embedding, TokenMix
-from farm.text import EncodedPrompt, PromptEncoder, PromptError, load_embedding_file, pad_chunks
+from farm.text import EncodedPrompt, LoadedEmbedding, PromptEncoder, PromptError, pad_chunks
 
 # Words that are one token in the tiny vocabulary ("cat" and "photo" are two there).
 PROMPT = "a portrait of a puppy in the snow"
@@ -38,8 +37,9 @@ def reference(components, text: str) -> torch.Tensor:
         return components.text_encoder(ids)[0]
 
 
-def embedding(path: Path, token: str | None = None) -> Embedding:
-    return Embedding(path=str(path), sha256=file_sha256(path), token=token)
+def loaded(token: str, vectors: torch.Tensor, path: str = "learned_embeds.safetensors") -> LoadedEmbedding:
+    """What farm.embeddings reads from a textual-inversion file: its token and vectors (n, d) float32."""
+    return LoadedEmbedding(Embedding(path=path, sha256=""), token, vectors.float().reshape(-1, vectors.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,32 +80,27 @@ def test_unknown_long_prompt_mode(tiny_components):
 # Textual inversion
 
 
-def test_textual_inversion_changes_only_positions_from_the_token_on(tiny_components, tmp_path):
+def test_textual_inversion_changes_only_positions_from_the_token_on(tiny_components):
     vector = torch.randn(hidden_size(tiny_components), generator=torch.Generator().manual_seed(0))
-    path = tmp_path / "learned_embeds.safetensors"
-    save_file({"<bird-style>": vector}, path)
-    with_token = PromptEncoder(tiny_components, [embedding(path)]).encode("a portrait of <bird-style> dog").embeds
+    encoder = PromptEncoder(tiny_components, [loaded("<bird-style>", vector)])
+    with_token = encoder.encode("a portrait of <bird-style> dog").embeds
     plain = PromptEncoder(tiny_components).encode("a portrait of rabbit dog").embeds
     # BOS, a, portrait, of: causal attention never lets them see the token at position 4.
     assert torch.equal(with_token[0, :4], plain[0, :4])
     assert not torch.isclose(with_token[0, 4:], plain[0, 4:]).all(dim=-1).any()
 
 
-def test_textual_inversion_vector_stands_in_for_its_token(tiny_components, tmp_path):
-    """A file holding the model's own row for 'rabbit' makes '<r>' encode exactly like 'rabbit'."""
-    path = tmp_path / "rabbit.safetensors"
-    save_file({"<r>": table_row(tiny_components, "rabbit")}, path)
-    encoder = PromptEncoder(tiny_components, [embedding(path)])
+def test_textual_inversion_vector_stands_in_for_its_token(tiny_components):
+    """The model's own row for 'rabbit' makes '<r>' encode exactly like 'rabbit'."""
+    encoder = PromptEncoder(tiny_components, [loaded("<r>", table_row(tiny_components, "rabbit"))])
     got = encoder.encode("a portrait of <r> dog")
     assert got.tokens == 5
     assert torch.equal(got.embeds, PromptEncoder(tiny_components).encode("a portrait of rabbit dog").embeds)
 
 
-def test_multi_vector_embedding_expands_like_diffusers(tiny_components, tmp_path):
+def test_multi_vector_embedding_expands_like_diffusers(tiny_components):
     rows = torch.stack([table_row(tiny_components, "rabbit"), table_row(tiny_components, "dog")])
-    path = tmp_path / "pair.safetensors"
-    save_file({"emb_params": rows}, path)
-    encoder = PromptEncoder(tiny_components, [embedding(path, token="<pair>")])
+    encoder = PromptEncoder(tiny_components, [loaded("<pair>", rows)])
     # diffusers' names for the extra vectors: <pair>_1, ...
     assert len(encoder.tokenizer("<pair>_1", add_special_tokens=False).input_ids) == 1
     got = encoder.encode("a <pair> in the snow")
@@ -113,121 +108,28 @@ def test_multi_vector_embedding_expands_like_diffusers(tiny_components, tmp_path
     assert torch.equal(got.embeds, PromptEncoder(tiny_components).encode("a rabbit dog in the snow").embeds)
 
 
-def write_diffusers_safetensors(path: Path, rows: torch.Tensor) -> Path:
-    save_file({"<tok>": rows}, path / "learned_embeds.safetensors")
-    return path / "learned_embeds.safetensors"
-
-
-def write_diffusers_bin(path: Path, rows: torch.Tensor) -> Path:
-    torch.save({"<tok>": rows}, path / "learned_embeds.bin")
-    return path / "learned_embeds.bin"
-
-
-def write_a1111_pt(path: Path, rows: torch.Tensor) -> Path:
-    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": rows}, "name": "<tok>", "step": 3000}
-    torch.save(data, path / "whatever.pt")
-    return path / "whatever.pt"
-
-
-def write_a1111_safetensors(path: Path, rows: torch.Tensor) -> Path:
-    save_file({"emb_params": rows}, path / "<tok>.safetensors")  # A1111 stores no name: the stem is the token
-    return path / "<tok>.safetensors"
-
-
-@pytest.mark.parametrize(
-    "write", [write_diffusers_safetensors, write_diffusers_bin, write_a1111_pt, write_a1111_safetensors]
-)
-@pytest.mark.parametrize("count", [1, 3])
-def test_load_embedding_file_formats(tiny_components, tmp_path, write, count):
-    rows = torch.randn(count, hidden_size(tiny_components), dtype=torch.float16)
-    path = write(tmp_path, rows if count > 1 or write is write_a1111_pt else rows[0])
-    token, vectors = load_embedding_file(str(path))
-    assert token == "<tok>"
-    assert vectors.dtype == torch.float32 and vectors.device.type == "cpu"
-    assert torch.equal(vectors, rows.float())
-    assert load_embedding_file(str(path), token="<mine>")[0] == "<mine>"
-
-
-def test_bin_files_load_weights_only(tiny_components, tmp_path):
-    marker = tmp_path / "ran"
-    path = tmp_path / "evil.bin"
-    torch.save({"<tok>": RunsCode(str(marker))}, path)
-    refused = r"^embeddings\[0\]: .*evil.bin: refused: the pickle holds a Python object \(\S*write_marker\)"
-    with pytest.raises(PromptError, match=refused):
-        PromptEncoder(tiny_components, [embedding(path)])
-    assert not marker.exists()
-    torch.load(path, weights_only=False)  # the payload is real: unpickled the unsafe way, it runs
-    assert marker.read_text() == "pwned"
-
-
-class RunsCode:
-    """An object whose unpickling runs a function: what weights_only must refuse."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return write_marker, (self.marker,)
-
-
-def write_marker(marker: str) -> None:
-    Path(marker).write_text("pwned")
-
-
-def test_wrong_vector_size(tiny_components, tmp_path):
-    path = tmp_path / "sd15.safetensors"
-    save_file({"<tok>": torch.zeros(768)}, path)
+def test_wrong_vector_size(tiny_components):
     with pytest.raises(PromptError) as info:
-        PromptEncoder(tiny_components, [embedding(path)])
-    assert str(info.value) == f"embeddings[0]: {path} holds vectors of size 768; this model's text encoder needs 32"
+        PromptEncoder(tiny_components, [loaded("<tok>", torch.zeros(768), "/x/sd15.safetensors")])
+    assert (
+        str(info.value)
+        == "embeddings[0]: /x/sd15.safetensors holds vectors of size 768; this model's text encoder needs 32"
+    )
 
 
-@pytest.mark.parametrize(
-    ("name", "content", "message"),
-    [
-        ("corrupt.safetensors", b"not a safetensors file at all", "cannot read as safetensors"),
-        ("corrupt.bin", b"\x00\x01 not a pickle", "cannot read: not a valid torch.save file"),
-        ("truncated.pt", b"", "cannot read"),
-        ("empty.pt", None, "holds no tensors"),
-        ("style.png", b"\x89PNG", "expected a textual-inversion file ending in .safetensors, .bin, .pt"),
-    ],
-)
-def test_unreadable_embedding_files(tiny_components, tmp_path, name, content, message):
-    path = tmp_path / name
-    if content is None:
-        torch.save({"name": "x", "step": 10}, path)
-    else:
-        path.write_bytes(content)
-    good = tmp_path / "good.safetensors"
-    save_file({"<good>": torch.zeros(hidden_size(tiny_components))}, good)
-    with pytest.raises(PromptError, match=rf"^embeddings\[1\]: {path}: {message}"):
-        PromptEncoder(tiny_components, [embedding(good), embedding(path)])
-
-
-def test_token_already_in_vocabulary(tiny_components, tmp_path):
-    path = tmp_path / "dog.safetensors"
-    save_file({"dog": torch.zeros(hidden_size(tiny_components))}, path)
+def test_token_already_in_vocabulary(tiny_components):
+    zeros = torch.zeros(hidden_size(tiny_components))
     with pytest.raises(PromptError, match=r"^embeddings\[0\]: token 'dog' is already a single token"):
-        PromptEncoder(tiny_components, [embedding(path)])
+        PromptEncoder(tiny_components, [loaded("dog", zeros)])
     with pytest.raises(PromptError, match=r"^embeddings\[1\]: token '<x>' is already a single token"):
-        PromptEncoder(tiny_components, [embedding(path, "<x>"), embedding(path, "<x>")])
+        PromptEncoder(tiny_components, [loaded("<x>", zeros), loaded("<x>", zeros)])
 
 
-def test_changed_file_is_refused(tiny_components, tmp_path):
-    path = tmp_path / "tok.safetensors"
-    save_file({"<tok>": torch.zeros(hidden_size(tiny_components))}, path)
-    stale = Embedding(path=str(path), sha256="0" * 64)
-    with pytest.raises(PromptError, match=r"^embeddings\[0\]: .*changed since the job was read"):
-        PromptEncoder(tiny_components, [stale])
-
-
-def test_shared_model_is_not_changed(tiny_components, tmp_path):
+def test_shared_model_is_not_changed(tiny_components):
     tokenizer = tiny_components.tokenizer
     table = tiny_components.text_encoder.embeddings.token_embedding.weight
     size, before = len(tokenizer), table.detach().clone()
-    path = tmp_path / "tok.safetensors"
-    save_file({"<new-tok>": torch.ones(2, hidden_size(tiny_components))}, path)
-    encoder = PromptEncoder(tiny_components, [embedding(path)])
+    encoder = PromptEncoder(tiny_components, [loaded("<new-tok>", torch.ones(2, hidden_size(tiny_components)))])
     encoder.encode("a <new-tok> dog")
     assert len(encoder.tokenizer) == size + 2
     assert len(tokenizer) == size

@@ -5,7 +5,10 @@ img2img, with keyframed schedules, prompts keyed by frame and a seed per frame;
 ``mode: chained`` blends each frame's init image with the frame rendered before it.
 ``kind: walk`` is text only: N frames between each pair of prompts and seeds, by slerp of
 the prompt embeddings and of the starting noise. Every sweep combination is one shot.
-Both produce an ``Animation`` (farm/spec.py), whose frames ``JobSpec.tasks`` expands.
+Both produce an ``Animation`` (task.py), whose frames ``JobSpec.tasks`` (job.py) expands.
+
+This module reads only its own sections; it imports the values (task.py) and the checks of
+one value (fields.py), never job.py, which calls ``parse_animation``.
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ from typing import Any
 
 from farm.models import farm_home, file_sha256
 from farm.schedules import ScheduleError, parse_keyed_prompts, parse_schedule, prompt_at
-from farm.spec import (
+from farm.spec.fields import (
     ANIMATION_MODES,
-    INT_FIELDS,
+    MAX_MIX_WEIGHT,
     MAX_SEED,
-    Animation,
-    MixPart,
-    SeedStep,
     SpecError,
-    _number,
-    _show,
     check_value,
+    choice,
+    flag,
+    is_number,
+    number,
+    show,
+    whole,
 )
-from farm.video import VideoError, extract_frames, list_image_folder, probe_video
+from farm.spec.task import INT_FIELDS, Animation, MixPart, SeedStep
 
 ANIMATE_FIELDS = (
     "source",
@@ -100,15 +104,11 @@ def _parse_animate(
     paths, source_fps, materialise = read_source(section["source"], section, base_dir)
 
     # 2. Mode, frame rate, blend and colour coherence
-    mode = section.get("mode", "independent")
-    if mode not in ANIMATION_MODES:
-        raise SpecError(f"animate.mode: expected one of {', '.join(ANIMATION_MODES)}, got {_show(mode)}")
+    mode = choice(section.get("mode", "independent"), "animate.mode", ANIMATION_MODES)
     for name in ("blend", "color_coherence"):
         if name in section and mode != "chained":
             raise SpecError(f"animate.{name}: only for mode: chained (it reads the frame rendered before)")
-    color_coherence = section.get("color_coherence", False)
-    if not isinstance(color_coherence, bool):
-        raise SpecError(f"animate.color_coherence: expected true or false, got {_show(color_coherence)}")
+    color_coherence = flag(section.get("color_coherence", False), "animate.color_coherence")
     fps = _fps(section, "animate", source_fps)
 
     # 3. Per-frame fields: source frame, prompt, seed, schedules, blend
@@ -130,12 +130,16 @@ def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[l
     """The source frames' paths (absolute) between start, end and stride, the video's frame
     rate over the stride, and what decodes and hashes them (a video's frames are decoded
     once, into a cache named by the video's hash, so a rerun finds the same files)."""
+    # Here, not at the top: farm.video loads numpy and PIL, which a job without a source
+    # never needs, so ``import farm.spec`` stays as light as it was before the package.
+    from farm.video import VideoError, extract_frames, list_image_folder, probe_video
+
     if not isinstance(source, str) or not source:
         raise SpecError("animate.source: expected a path to a video file or a folder of images")
     path = Path(source).expanduser()
     path = (path if path.is_absolute() else base_dir / path).resolve()
-    start = _whole(section.get("start", 0), "animate.start", 0)
-    stride = _whole(section.get("stride", 1), "animate.stride", 1)
+    start = whole(section.get("start", 0), "animate.start", 0)
+    stride = whole(section.get("stride", 1), "animate.stride", 1)
     end = section.get("end")
     try:
         if path.is_dir():
@@ -148,7 +152,7 @@ def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[l
             total, fps, files = info.frame_count, info.fps, None
         else:
             raise SpecError(f"animate.source: no such file or folder: {source}")
-        end = total if end is None else _whole(end, "animate.end", 1)
+        end = total if end is None else whole(end, "animate.end", 1)
         if start >= total or end > total or start >= end:
             raise SpecError(
                 f"animate: frames {start} to {end} (end exclusive) are not within the source's {total} frames"
@@ -185,9 +189,7 @@ def hash_files(paths: list[Path]) -> dict[str, str]:
 
 def _apply_prompts(section: dict[str, Any], defaults: dict[str, Any], swept: set[str], frames: list[dict]) -> None:
     """Prompts keyed by frame: held until the next key, or blended by prompt mixing (``prompt_blend``)."""
-    blend = section.get("prompt_blend", False)
-    if not isinstance(blend, bool):
-        raise SpecError(f"animate.prompt_blend: expected true or false, got {_show(blend)}")
+    blend = flag(section.get("prompt_blend", False), "animate.prompt_blend")
     if "prompts" not in section:
         if blend:
             raise SpecError("animate.prompt_blend: needs animate.prompts (prompts keyed by frame)")
@@ -218,7 +220,7 @@ def _apply_seed(seed: Any, swept: set[str], frames: list[dict]) -> None:
             frame["seed"] = SeedStep(k)
         return
     if not isinstance(seed, str) or ":" not in seed:
-        raise SpecError(f'animate.seed: expected fixed, iter or a schedule like "0:(1), 10:(20)", got {_show(seed)}')
+        raise SpecError(f'animate.seed: expected fixed, iter or a schedule like "0:(1), 10:(20)", got {show(seed)}')
     schedule = _schedule("animate.seed", seed)
     for k, frame in enumerate(frames):
         frame["seed"] = _seed(schedule.value_at(k), f"animate.seed (frame {k})")
@@ -248,7 +250,7 @@ def _apply_schedules(kind: str, schedules: Any, defaults: dict[str, Any], swept:
             if mix_index >= len(mix):
                 raise SpecError(f"{where}: defaults.mix has {len(mix)} entries (numbered from 0)")
             for k, frame in enumerate(frames):
-                weight = _number(schedule.value_at(k), f"{where} (frame {k})", -10.0, 10.0)
+                weight = number(schedule.value_at(k), f"{where} (frame {k})", -MAX_MIX_WEIGHT, MAX_MIX_WEIGHT)
                 frame["mix"] = tuple(
                     MixPart(p.prompt, weight) if i == mix_index else p for i, p in enumerate(frame.get("mix", mix))
                 )
@@ -277,10 +279,8 @@ def _parse_walk(section: dict[str, Any], defaults: dict[str, Any], swept: set[st
     if len(seeds) != len(prompts):
         raise SpecError(f"walk.seeds: {len(seeds)} seeds for {len(prompts)} prompts; give one seed, or one per prompt")
     seeds = [_seed(s, f"walk.seeds[{i}]") for i, s in enumerate(seeds)]
-    steps = _whole(section.get("frames", 8), "walk.frames", 1)
-    loop = section.get("loop", False)
-    if not isinstance(loop, bool):
-        raise SpecError(f"walk.loop: expected true or false, got {_show(loop)}")
+    steps = whole(section.get("frames", 8), "walk.frames", 1)
+    loop = flag(section.get("loop", False), "walk.loop")
     stops = list(zip(prompts, seeds, strict=True)) + ([(prompts[0], seeds[0])] if loop else [])
     if len(set(stops)) < 2:
         raise SpecError("walk.prompts: a walk needs two different stops (two prompts, or two seeds in walk.seeds)")
@@ -321,8 +321,8 @@ def _fps(section: dict[str, Any], kind: str, source_fps: float | None = None) ->
     if "fps" not in section:
         return source_fps if source_fps and math.isfinite(source_fps) and source_fps > 0 else DEFAULT_FPS
     fps = section["fps"]
-    if not isinstance(fps, int | float) or isinstance(fps, bool) or not 0 < fps <= MAX_FPS:
-        raise SpecError(f"{kind}.fps: expected frames per second above 0, at most {MAX_FPS:g}, got {_show(fps)}")
+    if not is_number(fps) or not 0 < fps <= MAX_FPS:
+        raise SpecError(f"{kind}.fps: expected frames per second above 0, at most {MAX_FPS:g}, got {show(fps)}")
     return float(fps)
 
 
@@ -341,14 +341,7 @@ def _mix_index(name: str) -> int | None:
 
 
 def _seed(value: Any, where: str) -> int:
+    """A frame's seed; a schedule's value between two keys is rounded to the nearest seed."""
     if isinstance(value, float) and math.isfinite(value):
         value = round(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
-        raise SpecError(f"{where}: expected a whole number from 0 to {MAX_SEED}, got {_show(value)}")
-    return value
-
-
-def _whole(value: Any, where: str, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise SpecError(f"{where}: expected a whole number from {low}, got {_show(value)}")
-    return value
+    return whole(value, where, 0, MAX_SEED)

@@ -1,0 +1,94 @@
+"""A rendered batch's outputs, written for the actor: each image (and captured step frame) as a
+PNG carrying its recipe, straight to the job's file system, and the ``ok`` rows they produce.
+
+Image files first, their rows after (DESIGN.md, "Nothing lost, nothing twice"): the rows come
+back to the caller, which hands them on only once every file of the batch is written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from farm import storage
+from farm.images import encode_png, sha256_bytes
+from farm.layout import frame_relpath
+from farm.manifest import base_row, json_text
+from farm.spec import Batch
+
+if TYPE_CHECKING:
+    from pyarrow.fs import FileSystem
+
+    from farm.render import RenderResult
+
+
+@dataclass(frozen=True)
+class Producer:
+    """What rendered a batch: the output columns every ok row of an actor shares."""
+
+    model_hash: str
+    dtype: str
+    device: str
+    model_config: str | None
+    node: str
+    actor: str
+    torch_version: str
+    diffusers_version: str
+
+
+def write_outputs(
+    filesystem: FileSystem,
+    base: str,
+    job: str,
+    batch: Batch,
+    result: RenderResult,
+    seconds: float,
+    producer: Producer,
+) -> list[dict[str, Any]]:
+    """Write every image and captured frame of a rendered batch, and return their rows (frames'
+    rows carry ``capture`` and ``step_index``). ``seconds`` is the render time per image."""
+    outputs = {
+        "status": "ok",
+        "model_hash": producer.model_hash,
+        "dtype": producer.dtype,
+        "device": producer.device,
+        "scheduler_config": json_text(result.scheduler_config),
+        "seconds": seconds,
+        "model_config": producer.model_config,
+        "node": producer.node,
+        "actor": producer.actor,
+        "torch_version": producer.torch_version,
+        "diffusers_version": producer.diffusers_version,
+    }
+    rows = []
+    for index, task in enumerate(batch.tasks):
+        row = base_row(job, task, batch, index) | outputs
+        row.update(prompt_tokens=result.prompt_tokens[index], prompt_truncated=result.prompt_truncated[index])
+        meta = {
+            "task": json.loads(task.canonical_json()),
+            "task_id": task.task_id,
+            "batch_id": batch.batch_id,
+            "batch_size": len(batch.tasks),
+            "batch_index": index,
+            "model_hash": producer.model_hash,
+            "dtype": producer.dtype,
+            "scheduler_config": result.scheduler_config,
+        }
+        row["image_sha256"] = write_png(filesystem, base, row["image_path"], result.images[index], meta)
+        rows.append(row)
+        for kind, frames in result.frames.items():
+            for step_index, pixels in enumerate(frames[:, index]):
+                path = frame_relpath(task.task_id, kind, step_index)
+                sha = write_png(filesystem, base, path, pixels, meta | {"capture": kind, "step_index": step_index})
+                rows.append(row | {"capture": kind, "step_index": step_index, "image_path": path, "image_sha256": sha})
+    return rows
+
+
+def write_png(filesystem: FileSystem, base: str, relpath: str, pixels: np.ndarray, meta: dict[str, Any]) -> str:
+    """Encode pixels with their metadata as a PNG at ``relpath`` under ``base``; its sha256."""
+    data = encode_png(pixels, meta)
+    storage.write_bytes(filesystem, storage.join(base, relpath), data)
+    return sha256_bytes(data)

@@ -1,0 +1,144 @@
+"""The row sink: where a job's result rows go on their way to the manifest.
+
+The driver hands it every row a batch returns (or the failed rows it made itself). The sink
+keeps the set of tasks done (so a retried batch does not write a row twice), counts images
+into the run's ``Summary``, moves the progress bar, and writes buffered rows as a manifest
+part when enough have gathered or enough time has passed. Leaving its ``with`` block writes
+whatever is still buffered, however the block is left (Ctrl-C included): rows already
+rendered always reach the manifest (DESIGN.md, nothing lost, nothing twice).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from farm import manifest
+from farm.spec import Batch
+
+# Rows are written out at least this often (seconds) and whenever this many are buffered,
+# so a crash loses little and a big job does not make thousands of tiny part files.
+FLUSH_SECONDS = 5.0
+FLUSH_ROWS = 512
+
+
+@dataclass
+class Summary:
+    """A run's counts, timings and videos: printed by `farm render`, kept as summary.json."""
+
+    job_root: str
+    total: int = 0
+    rendered: int = 0
+    skipped: int = 0
+    failed: int = 0
+    elapsed: float = 0.0
+    startup: float = 0.0  # Ray start + actor start and model load, within elapsed
+    actors: int = 0
+    errors: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)  # animate and walk jobs: one per shot
+    flicker: list[float] = field(default_factory=list)  # per video: mean |frame n+1 - frame n|, 0-255
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rendered / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def rendering_images_per_second(self) -> float:
+        """Throughput once the actors are up: what a long job sees."""
+        busy = self.elapsed - self.startup
+        return self.rendered / busy if busy > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_root": self.job_root,
+            "total": self.total,
+            "rendered": self.rendered,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "elapsed_s": round(self.elapsed, 3),
+            "images_per_s": round(self.images_per_second, 3),
+            "startup_s": round(self.startup, 3),
+            "rendering_images_per_s": round(self.rendering_images_per_second, 3),
+            "actors": self.actors,
+            "errors": self.errors[:20],
+            **({"videos": self.videos, "flicker": [round(f, 4) for f in self.flicker]} if self.videos else {}),
+        }
+
+
+class RowSink:
+    """Buffers result rows, counts them into a Summary, and writes them as manifest parts.
+
+    ``done`` is the job's set of task ids with ok rows; the sink adds to it as rows arrive,
+    and the caller's set (the one its work was planned from) sees every addition.
+    """
+
+    def __init__(
+        self,
+        job: str,
+        root: str,
+        done: set[str],
+        summary: Summary,
+        todo: int,
+        flush_seconds: float = FLUSH_SECONDS,
+        progress: bool = True,
+    ) -> None:
+        from tqdm import tqdm
+
+        self.job = job
+        self.root = root
+        self.done = done
+        self.summary = summary
+        self.flush_seconds = flush_seconds
+        self.buffer: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
+        self.bar = tqdm(total=todo, unit="img", disable=not progress, dynamic_ncols=True, desc=job)
+
+    def __enter__(self) -> RowSink:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def done_in(self, batch: Batch) -> frozenset[str]:
+        """The batch's tasks that already have ok rows (the rest of it failed an input check
+        before): an actor skips them, so their images stay as their rows say."""
+        return frozenset(t.task_id for t in batch.tasks if t.task_id in self.done)
+
+    def record(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Take a batch's rows: buffer them and count its images (a retry's repeats are dropped)."""
+        fresh = [r for r in rows if r["task_id"] not in self.done]
+        images = [r for r in fresh if r.get("capture") is None]  # the rest are step captures
+        self.done.update(r["task_id"] for r in images if r["status"] == "ok")
+        self.buffer.extend(fresh)
+        ok = sum(r["status"] == "ok" for r in images)
+        summary = self.summary
+        summary.rendered += ok
+        summary.failed += len(images) - ok
+        summary.errors.extend(r["error"] for r in images if r["status"] != "ok" and r["error"] not in summary.errors)
+        self.bar.update(len(images))
+
+    def due_at(self) -> float | None:
+        """When the buffered rows must be written (time.monotonic()), or None with none buffered."""
+        return self.last_flush + self.flush_seconds if self.buffer else None
+
+    def flush_if_due(self) -> None:
+        if len(self.buffer) >= FLUSH_ROWS or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one manifest part (a batch's rows always land together)."""
+        if self.buffer:
+            manifest.write_part(self.root, self.buffer)
+            self.buffer.clear()
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.bar.close()

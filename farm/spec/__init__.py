@@ -1,0 +1,118 @@
+"""Job specs: job YAML -> validated frozen dataclasses -> a lazy stream of ``RenderTask``s.
+
+The package is the "values" layer (docs/architecture.md): it imports no torch, ray or
+diffusers. Its modules, each importing only those above it in this list:
+
+- ``task``: RenderTask, Batch, the small values a task holds, the field-name tuples, task ids.
+- ``fields``: SpecError, limits and name lists, the checks and parsers of one value.
+- ``animation``: the ``animate:`` and ``walk:`` sections -> an Animation's per-frame fields.
+- ``job``: the job file and its sections -> JobSpec, sweep expansion, checks across fields.
+
+Callers import from here (``from farm.spec import RenderTask, load_job``); the names below
+are the package's public interface.
+"""
+
+from __future__ import annotations
+
+from farm.spec.animation import DEFAULT_FPS, parse_animation
+from farm.spec.fields import (
+    ANIMATION_KINDS,
+    ANIMATION_MODES,
+    CAPTURE_KINDS,
+    DEFAULT_LOSS_EVERY,
+    DEFAULT_LOSS_SCALE,
+    DEFAULT_STRENGTH,
+    KINDS,
+    LONG_PROMPT_MODES,
+    MAX_AXIS_VALUES,
+    MAX_PERTURB_SCALE,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MAX_TASKS,
+    MIX_MODES,
+    SCHEDULERS,
+    SpecError,
+    check_technique,
+    check_value,
+)
+from farm.spec.job import (
+    DEFAULTS,
+    TOP_LEVEL_FIELDS,
+    JobSpec,
+    check_combinations,
+    load_job,
+    parse_job,
+    resolve_img2img,
+    shots,
+    sweep_values,
+)
+from farm.spec.task import (
+    BATCH_FIELDS,
+    CORE_FIELDS,
+    DERIVED_FIELDS,
+    INT_FIELDS,
+    SEED_FIELDS,
+    TASK_FIELDS,
+    USER_FIELDS,
+    Animation,
+    Batch,
+    Embedding,
+    GuidanceLoss,
+    MixPart,
+    RandomSlot,
+    RenderTask,
+    SeedStep,
+    TokenMix,
+    random_seed,
+)
+
+__all__ = [
+    "DEFAULT_FPS",
+    "ANIMATION_KINDS",
+    "ANIMATION_MODES",
+    "BATCH_FIELDS",
+    "CAPTURE_KINDS",
+    "CORE_FIELDS",
+    "DEFAULTS",
+    "DEFAULT_LOSS_EVERY",
+    "DEFAULT_LOSS_SCALE",
+    "DEFAULT_STRENGTH",
+    "DERIVED_FIELDS",
+    "INT_FIELDS",
+    "KINDS",
+    "LONG_PROMPT_MODES",
+    "MAX_AXIS_VALUES",
+    "MAX_PERTURB_SCALE",
+    "MAX_SEED",
+    "MAX_SIZE",
+    "MAX_STEPS",
+    "MAX_TASKS",
+    "MIX_MODES",
+    "SCHEDULERS",
+    "SEED_FIELDS",
+    "TASK_FIELDS",
+    "TOP_LEVEL_FIELDS",
+    "USER_FIELDS",
+    "Animation",
+    "Batch",
+    "Embedding",
+    "GuidanceLoss",
+    "JobSpec",
+    "MixPart",
+    "RandomSlot",
+    "RenderTask",
+    "SeedStep",
+    "SpecError",
+    "TokenMix",
+    "check_combinations",
+    "check_technique",
+    "check_value",
+    "load_job",
+    "parse_animation",
+    "parse_job",
+    "random_seed",
+    "resolve_img2img",
+    "shots",
+    "sweep_values",
+]

@@ -1,0 +1,232 @@
+"""What a job expands to: ``RenderTask`` (one image, every input resolved) and ``Batch``, the
+small frozen values a task holds, the field-name tuples the rest of farm reads tasks by, and
+the seeds drawn for ``seed: random``.
+
+Plain values only: no YAML and no validation (``fields`` checks values, ``job`` reads the YAML),
+so the driver, the actor and the manifest can use tasks without the parser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+# The fields a task had before the steering techniques; the rest are omitted from the
+# canonical JSON when unused (RenderTask.canonical_json).
+CORE_FIELDS = ("model", "scheduler", "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")
+# Fields that must match for tasks to share one UNet batch, outermost first. The latter
+# ones change the loop itself (where it starts, extra gradient steps, captured frames) or
+# the text encoder's vocabulary and sequence length.
+BATCH_FIELDS = (
+    "model",
+    "width",
+    "height",
+    "steps",
+    "scheduler",
+    "guidance",
+    "start_step",
+    "guidance_loss",
+    "embeddings",
+    "capture",
+    "long_prompt",
+)
+
+
+@dataclass(frozen=True)
+class MixPart:
+    """One prompt of an embedding mix and its weight."""
+
+    prompt: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class TokenMix:
+    """Blend the token embedding of ``token`` with that of ``other`` wherever ``token`` occurs."""
+
+    token: str
+    other: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A textual-inversion file; ``token`` None means the name stored in the file (or its stem)."""
+
+    path: str
+    sha256: str
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class GuidanceLoss:
+    """An extra loss on the decoded predicted x0, its gradient applied to the latents every ``every`` steps."""
+
+    name: str  # "color" or "module:function"
+    target: tuple[float | None, ...] = ()
+    # Literals, not fields.DEFAULT_LOSS_*: this module imports no other part of farm.spec
+    # (a test keeps the two in step).
+    scale: float = 200.0
+    every: int = 10
+
+
+@dataclass(frozen=True)
+class RenderTask:
+    """One image to render: every input resolved, nothing left to a default."""
+
+    model: str
+    scheduler: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    # Steering techniques (docs/steering.md); each default means "not used".
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
+    perturb_scale: float = 0.0
+    init_image: str | None = None
+    init_image_sha256: str | None = None
+    strength: float | None = None
+    start_step: int = 0
+    mix: tuple[MixPart, ...] = ()
+    mix_mode: str = "sum"
+    token_mix: tuple[TokenMix, ...] = ()
+    embeddings: tuple[Embedding, ...] = ()
+    guidance_loss: GuidanceLoss | None = None
+    capture: tuple[str, ...] = ()
+    long_prompt: str = "truncate"
+    # Animation (docs/animation.md): the output frame number, and for a chained frame the
+    # task whose image is blended into the init image (with weight ``blend``) and the task
+    # whose image the init image's colours are matched to. Ids, not images, so a whole
+    # chained shot is known (and resumable) before any of it is rendered.
+    frame: int | None = None
+    previous: str | None = None
+    blend: float = 0.0
+    color_reference: str | None = None
+
+    @cached_property
+    def task_id(self) -> str:
+        """A hash of the canonical JSON of the task: the same work always has the same id."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:20]
+
+    def canonical_json(self) -> str:
+        """The task as JSON; technique fields left at their defaults are omitted, so a plain
+        task keeps the id it had before those techniques existed."""
+        data = self.to_dict()
+        for f in dataclasses.fields(self)[len(CORE_FIELDS) :]:
+            if getattr(self, f.name) == f.default:
+                del data[f.name]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RenderTask:
+        """Rebuild a task from ``to_dict`` or canonical JSON (a manifest row's ``task_json``)."""
+        fields = dict(data)
+        fields["mix"] = tuple(MixPart(**m) for m in fields.get("mix", ()))
+        fields["token_mix"] = tuple(TokenMix(**m) for m in fields.get("token_mix", ()))
+        fields["embeddings"] = tuple(Embedding(**e) for e in fields.get("embeddings", ()))
+        fields["capture"] = tuple(fields.get("capture", ()))
+        loss = fields.get("guidance_loss")
+        if loss is not None:
+            fields["guidance_loss"] = GuidanceLoss(**{**loss, "target": tuple(loss.get("target", ()))})
+        return cls(**fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> RenderTask:
+        return cls.from_dict(json.loads(text))
+
+    def techniques(self) -> str:
+        """The steering techniques this task uses, in a few words (for --dry-run)."""
+        parts = []
+        if self.variation_seed is not None:
+            amount = f"scale {self.perturb_scale:g}" if self.perturb_scale else f"{self.variation_strength:g}"
+            parts.append(f"variation {self.variation_seed} at {amount}")
+        if self.init_image:
+            parts.append(f"img2img {Path(self.init_image).name} from step {self.start_step}")
+        if self.mix:
+            parts.append(f"{self.mix_mode} of " + " + ".join(f"{m.weight:g} x {m.prompt!r}" for m in self.mix))
+        parts += [f"{m.token} ~ {m.other} at {m.weight:g}" for m in self.token_mix]
+        parts += [f"embedding {Path(e.path).name}" for e in self.embeddings]
+        if self.guidance_loss:
+            parts.append(f"loss {self.guidance_loss.name} every {self.guidance_loss.every}")
+        if self.capture:
+            parts.append(f"capture {'+'.join(self.capture)}")
+        if self.long_prompt != "truncate":
+            parts.append(f"long prompt {self.long_prompt}")
+        if self.frame is not None:
+            parts.append(f"frame {self.frame}")
+        if self.previous:
+            parts.append(f"blend {self.blend:g} of {self.previous[:8]}")
+        if self.color_reference:
+            parts.append(f"colours of {self.color_reference[:8]}")
+        return ", ".join(parts)
+
+    @property
+    def batch_key(self) -> tuple:
+        return tuple(getattr(self, name) for name in BATCH_FIELDS)
+
+
+TASK_FIELDS = tuple(f.name for f in dataclasses.fields(RenderTask))
+INT_FIELDS = ("seed", "steps", "width", "height", "variation_seed", "start_step", "frame")
+SEED_FIELDS = ("seed", "variation_seed")
+# Filled in from the file when the job is read, never written by the user.
+DERIVED_FIELDS = ("init_image_sha256", "frame", "previous", "blend", "color_reference")
+USER_FIELDS = tuple(name for name in TASK_FIELDS if name not in DERIVED_FIELDS)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Tasks rendered together in one UNet batch; ``batch_id`` hashes their ids."""
+
+    batch_id: str
+    tasks: tuple[RenderTask, ...]
+
+    @classmethod
+    def of(cls, tasks: Iterable[RenderTask]) -> Batch:
+        tasks = tuple(tasks)
+        return cls(hashlib.sha256(",".join(t.task_id for t in tasks).encode()).hexdigest()[:16], tasks)
+
+
+@dataclass(frozen=True)
+class SeedStep:
+    """An animation frame's seed: the shot's seed plus ``offset`` (``seed: iter``)."""
+
+    offset: int
+
+
+@dataclass(frozen=True)
+class RandomSlot:
+    """One ``random`` entry in a seed sweep: a single seed shared across the other axes."""
+
+    slot: str
+
+
+@dataclass(frozen=True)
+class Animation:
+    """The frames of one shot of an animate or walk job; every sweep combination is a shot.
+
+    ``frames`` holds, per output frame, the task fields it sets (schedules already read),
+    the same field names for every frame.
+    """
+
+    frames: tuple[tuple[tuple[str, Any], ...], ...]
+    mode: str = "independent"  # or chained: each frame's init image takes in the frame before
+    fps: float = 12.0
+    color_coherence: bool = False
+
+
+def random_seed(base: int, slot: str) -> int:
+    """A seed drawn for ``seed: random``: fixed for a run (and its resume) by ``base``."""
+    return int.from_bytes(hashlib.sha256(f"{base}:{slot}".encode()).digest()[:4], "big")
