@@ -1,4 +1,4 @@
-"""The cluster launcher configs (cluster.yaml, cluster-onprem.yaml) and the commands the README gives for them.
+"""The cluster launcher configs (cluster.yaml, cluster-onprem.yaml) and the commands docs/cluster.md gives for them.
 
 Everything here runs offline: Ray's own config preparation and validator (what `ray up` runs before it
 contacts a cloud), plain YAML checks, and Ray's and farm's click command trees for the documented
@@ -21,6 +21,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"aws": "cluster.yaml", "onprem": "cluster-onprem.yaml"}
 REPO_ON_NODE = "/home/ubuntu/farm"
+# Ray's token file on a node (Ray's default path, ~/.ray/auth_token, in the login user's home) and its source here.
+TOKEN_ON_NODE = "/home/ubuntu/.ray/auth_token"
+TOKEN_HERE = "~/.ray/auth_token"
 TORCH = "torch==2.13.0"
 
 
@@ -231,7 +234,7 @@ def test_setup_checker_notices_a_missing_install() -> None:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_repo_and_jobs_are_mounted_at_the_same_path_everywhere(name: str) -> None:
     config = load(name)
-    assert config["file_mounts"] == {REPO_ON_NODE: ".", f"{REPO_ON_NODE}/jobs": "./jobs"}
+    assert config["file_mounts"] == {REPO_ON_NODE: ".", f"{REPO_ON_NODE}/jobs": "./jobs", TOKEN_ON_NODE: TOKEN_HERE}
     assert (ROOT / "jobs").is_dir()
     # .gitignore keeps this machine's .venv and outputs off the nodes.
     assert ".gitignore" in config["rsync_filter"]
@@ -412,11 +415,10 @@ def test_comment_checker_catches_a_removed_comment(name: str, key: str, tmp_path
 
 
 def cluster_docs() -> str:
-    """The README's cluster section."""
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"^## Running on a cluster\n.*?(?=^## |\Z)", readme, re.M | re.S)
-    assert match, "README.md has no '## Running on a cluster' section"
-    return match.group(0)
+    """The cluster page of the manual, docs/cluster.md."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    assert text.startswith("# Running on a cluster\n"), "docs/cluster.md is not the cluster page"
+    return text
 
 
 def shell_lines(markdown: str) -> list[str]:
@@ -507,6 +509,7 @@ def test_documented_commands_exist(clis: dict[str, Any]) -> None:
     names = {name for name, _ in seen}
     # The walk-through: up, submit, watch, fetch, query, down.
     assert {"ray up", "ray dashboard", "ray job submit", "ray job logs", "ray attach", "ray exec"} <= names
+    assert "ray get-auth-token" in names
     assert {"ray rsync-down", "farm render", "farm query", "ray down"} <= names
 
 
@@ -521,3 +524,151 @@ def test_documented_renders_join_the_cluster_and_share_their_output(clis: dict[s
         assert "--address" in args, args
         out = args[args.index("--out") + 1]
         assert out.startswith("/") or "://" in out, f"--out {out} is not shared by the nodes"
+
+
+# ---------------------------------------------------------------------------------------
+# Ray's token authentication: the token reaches every node and every documented client
+
+
+def test_ray_reads_the_token_where_the_configs_put_it() -> None:
+    """The names the configs and the docs rely on are Ray's own (read from its source)."""
+    from ray._private.authentication import authentication_token_setup as setup
+
+    assert setup.AUTH_MODE_ENV_VAR == "RAY_AUTH_MODE"
+    assert setup._get_default_token_path() == Path.home() / ".ray" / "auth_token"
+    assert "~/" + str(setup._get_default_token_path().relative_to(Path.home())) == TOKEN_HERE
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_token_reaches_every_node(name: str) -> None:
+    prepared = prepare(load(name))
+    user = prepared["auth"]["ssh_user"]
+    # file_mounts go to the head on `ray up` and from the head to every worker it starts.
+    assert prepared["file_mounts"][TOKEN_ON_NODE] == TOKEN_HERE
+    assert f"/home/{user}/.ray/auth_token" == TOKEN_ON_NODE
+    setup = prepared["setup_commands"]
+    # Every Ray process inherits RAY_AUTH_MODE=token from ~/farm.env, which `ray start` sources.
+    env = _first(setup, r"> ~/farm\.env")
+    assert env is not None and "'export RAY_AUTH_MODE=token'" in setup[env]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in prepared[key] if "ray start" in c]
+        assert starts and all(c.startswith("source ~/farm.env;") for c in starts)
+    # A node without the token stops in setup with a message, before Ray starts.
+    check = _first(setup, r"test -s ~/\.ray/auth_token \|\|")
+    assert check is not None and "exit 1" in setup[check] and "chmod 600 ~/.ray/auth_token" in setup[check]
+
+
+def _ray_in(home: Path, code: str, **env: str) -> str:
+    """Run Python code with Ray in a fresh process whose home is `home` (Ray reads its auth mode once)."""
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    environ.update(HOME=str(home), **env)
+    result = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_ray_sends_the_token_only_with_auth_mode_token(tmp_path: Path) -> None:
+    """What the docs say of Ray 2.60: `ray get-auth-token --generate` writes ~/.ray/auth_token, and a
+    client (the job CLI's HTTP headers) sends it only when RAY_AUTH_MODE=token is in its environment."""
+    generate = (
+        "from click.testing import CliRunner; from ray.scripts.scripts import cli; "
+        "r = CliRunner().invoke(cli, ['get-auth-token', '--generate']); print(r.stdout.strip())"
+    )
+    printed = _ray_in(tmp_path, generate).strip().splitlines()[-1]
+    token = (tmp_path / ".ray" / "auth_token").read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token) and printed == token
+    headers = (
+        "from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled; "
+        "print(get_auth_headers_if_auth_enabled({}))"
+    )
+    assert _ray_in(tmp_path, headers).strip() == "{}"
+    assert _ray_in(tmp_path, headers, RAY_AUTH_MODE="token").strip() == str({"authorization": f"Bearer {token}"})
+
+
+def shell_blocks(markdown: str) -> list[list[str]]:
+    """The ```sh blocks, each as its command lines (continuation lines joined, comments dropped)."""
+    blocks = []
+    for block in re.findall(r"^\s*```sh\n(.*?)^\s*```", markdown, re.M | re.S):
+        lines = [" ".join(shlex.split(line, comments=True)) for line in block.replace("\\\n", " ").splitlines()]
+        blocks.append([line for line in lines if line])
+    return blocks
+
+
+TOKEN_CLIENT = re.compile(r"^ray job |^farm render .*--address ray://")
+
+
+def clients_without_token(markdown: str) -> list[str]:
+    """Commands that talk to the cluster's job API or Ray Client with no `export RAY_AUTH_MODE=token`
+    before them in their block (a reader runs a block in one shell)."""
+    missing = []
+    for block in shell_blocks(markdown):
+        exported = False
+        for line in block:
+            exported = exported or line == "export RAY_AUTH_MODE=token"
+            if TOKEN_CLIENT.search(line) and not exported:
+                missing.append(line)
+    return missing
+
+
+def test_token_checker_on_a_sample() -> None:
+    sample = """\
+```sh
+export RAY_AUTH_MODE=token
+ray job submit --address http://127.0.0.1:8265 -- farm render x.yaml --address auto --out /mnt/shared/out
+```
+
+```sh
+ray job logs --address http://127.0.0.1:8265 demo-1   # a new block is a new shell
+farm render x.yaml --address ray://127.0.0.1:10001 --out s3://b/f
+ray exec cluster.yaml "ray status"    # over SSH, on the head: ~/farm.env sets the mode there
+```
+"""
+    assert clients_without_token(sample) == [
+        "ray job logs --address http://127.0.0.1:8265 demo-1",
+        "farm render x.yaml --address ray://127.0.0.1:10001 --out s3://b/f",
+    ]
+
+
+def test_documented_job_commands_carry_the_token() -> None:
+    docs = cluster_docs()
+    assert clients_without_token(docs) == []
+    clients = [line for block in shell_blocks(docs) for line in block if TOKEN_CLIENT.search(line)]
+    assert sum(line.startswith("ray job submit") for line in clients) >= 2  # AWS and on-prem
+    assert any("--address ray://" in line for line in clients)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_walkthrough_makes_the_token_before_ray_up(name: str) -> None:
+    """For each config, the documented `ray up` follows `ray get-auth-token --generate` in its block."""
+    ups = []
+    for block in shell_blocks(cluster_docs()):
+        for i, line in enumerate(block):
+            if re.match(rf"ray up {re.escape(CONFIGS[name])}\b", line):
+                ups.append(any(line.startswith("ray get-auth-token --generate") for line in block[:i]))
+    assert ups and all(ups)
+
+
+def test_docs_explain_the_token_for_both_configs() -> None:
+    docs = cluster_docs()
+    match = re.search(r"^## Ray token authentication\n.*?(?=^## |\Z)", docs, re.M | re.S)
+    assert match, "docs/cluster.md has no '## Ray token authentication' section"
+    section = " ".join(match.group(0).split())  # as read, not as wrapped
+    for needed in (
+        "`cluster.yaml`",
+        "`cluster-onprem.yaml`",
+        "`RAY_AUTH_MODE`",
+        "`RAY_AUTH_TOKEN`",
+        "`RAY_AUTH_TOKEN_PATH`",
+        "`~/.ray/auth_token`",
+        "`ray get-auth-token`",
+        f'"{TOKEN_ON_NODE}"',
+        "export RAY_AUTH_MODE=token",
+        "Missing authentication token",
+    ):
+        assert needed in section, needed
+    onprem = re.search(r"^## On-prem\n.*?(?=^## |\Z)", docs, re.M | re.S)
+    assert onprem and "RAY_AUTH_MODE=token" in onprem.group(0)

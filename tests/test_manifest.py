@@ -1,4 +1,4 @@
-"""The manifest schema, atomic part files and the README's column table."""
+"""The manifest schema, atomic part files and the column table in docs/manifest.md."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from farm.manifest import COLUMNS, SCHEMA, ok_task_ids, query, read_manifest, write_part
 from farm.spec import RenderTask
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+MANIFEST_DOCS = Path(__file__).resolve().parents[1] / "docs" / "manifest.md"
 
 
 def row(task_id: str, status: str = "ok") -> dict:
@@ -47,8 +47,8 @@ def test_every_task_field_is_a_column():
     assert set(RenderTask.__dataclass_fields__) <= names
 
 
-def test_readme_documents_every_column():
-    text = README.read_text()
+def test_docs_document_every_column():
+    text = MANIFEST_DOCS.read_text()
     for name, _, _ in COLUMNS:
         assert f"| `{name}` |" in text, name
 
@@ -93,3 +93,11 @@ def test_a1111_parameters_name_variation_and_denoising_strength():
     )
     line = a1111_parameters({"task": json.loads(task.canonical_json())}).splitlines()[-1]
     assert line.endswith("Variation seed: 9, Variation seed strength: 0.25, Denoising strength: 0.5")
+
+
+def test_every_scheduler_has_an_a1111_sampler_name():
+    """images.py (a tool, below spec) keys A1111's names by farm's scheduler names: keep both in step."""
+    from farm.images import A1111_SAMPLERS
+    from farm.spec import SCHEDULERS
+
+    assert set(A1111_SAMPLERS) == set(SCHEDULERS)
