@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from typing import Any
+import math
+import warnings
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,6 +31,14 @@ A1111_SAMPLERS = {
     "heun": "Heun",
     "dpmpp_2m": "DPM++ 2M",
 }
+# The most pixels an input image (an init image, an animation's source frame) may have. Inputs are
+# scaled down to the task's size anyway, but Pillow decodes one whole first: a 13000x13000 PNG of
+# 20 KB costs about 0.8 GB in the actor that opens it (measured), and passes Pillow's own limit
+# (it refuses only past 2 x 89.5 Mpx). 8192x8192 (67 Mpx) still takes a full-frame camera's photo (up
+# to 61 Mpx) and 8K video frames (33 Mpx), bounds a decode to about 200 MB
+# (RGB) to 470 MB (RGBA converted to RGB), and sits under Pillow's warning threshold, so no input
+# farm accepts ever triggers one. The size is read from the file's header, before any decoding.
+MAX_INPUT_PIXELS = 8192 * 8192
 
 
 def a1111_parameters(meta: dict[str, Any]) -> str:
@@ -88,19 +99,67 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return np.asarray(open_rgb(data))
 
 
+def check_input_pixels(width: int, height: int) -> None:
+    """ValueError when an input image of width x height has more than MAX_INPUT_PIXELS pixels."""
+    if width * height > MAX_INPUT_PIXELS:
+        raise ValueError(f"{width}x{height} pixels is over {_limit()}; resize it first")
+
+
+def _limit() -> str:
+    side = math.isqrt(MAX_INPUT_PIXELS)
+    square = f" ({side}x{side})" if side * side == MAX_INPUT_PIXELS else ""
+    return f"farm's limit of {MAX_INPUT_PIXELS:,}{square}"
+
+
+def _open_checked(source: BinaryIO | Path) -> Image.Image:
+    """Image.open (which reads only the header) with the size checked against MAX_INPUT_PIXELS.
+
+    Raises UnidentifiedImageError for a file that is not an image PIL knows, ValueError for one
+    over the limit; nothing is decoded until the caller loads the image.
+    """
+    with warnings.catch_warnings():
+        # Pillow warns past 89.5 Mpx as it opens; the check below refuses those itself.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(source)
+        except Image.DecompressionBombError as exc:  # past 2 x 89.5 Mpx Pillow gives no size, only this
+            raise ValueError(
+                f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels is over {_limit()}; resize it first"
+            ) from exc
+    try:
+        check_input_pixels(*image.size)
+    except ValueError:
+        image.close()
+        raise
+    return image
+
+
+def check_input_image(path: str | Path) -> None:
+    """Refuse an input image file over MAX_INPUT_PIXELS from its header alone (no pixels decoded).
+
+    A file PIL cannot identify passes: whoever decodes it reports that, for its task alone.
+    ValueError for one over the limit; OSError when the file cannot be read.
+    """
+    try:
+        _open_checked(Path(path)).close()
+    except (UnidentifiedImageError, SyntaxError):
+        return
+
+
 def fit_image(data: bytes, width: int, height: int) -> np.ndarray:
     """An init image fitted to a task's size: scaled (Lanczos) to cover width x height with its
     aspect ratio kept, then centre-cropped; RGB uint8 (height, width, 3).
 
-    Raises ValueError for bytes that are not an image PIL can read.
+    Raises ValueError for bytes that are not an image PIL can read, or for an image over
+    MAX_INPUT_PIXELS (checked from the header, before decoding).
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _open_checked(io.BytesIO(data)) as image:
             image.load()
             rgb = image.convert("RGB")
     except UnidentifiedImageError as exc:  # its message names an in-memory buffer: say it plainly
         raise ValueError("not a readable image (not a format PIL can identify)") from exc
-    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
+    except (OSError, SyntaxError) as exc:
         raise ValueError(f"not a readable image ({exc})") from exc
     if rgb.size != (width, height):
         rgb = ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))

@@ -33,6 +33,30 @@ PRESETS = ("tiny",)
 TINY_VERSION = "v3"
 TINY_SEED = 20221122
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+# The diffusers pipeline classes (model_index.json's _class_name) whose folders farm renders: Stable
+# Diffusion 1.x and 2.x as saved by the text-to-image pipeline or by its img2img twin, which has the
+# same components (vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor),
+# so StableDiffusionPipeline loads it as it is. Everything else is refused before Ray starts: the
+# inpainting, depth, upscale and pix2pix pipelines share those names but not the UNet's inputs, and
+# SDXL, SD3, Flux and the rest condition differently; StableDiffusionPipeline would load them wrongly
+# and every task would fail, three tries each.
+RENDERED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+RENDERED_FAMILIES = "Stable Diffusion 1.x and 2.x"
+# Key name prefixes (in a single file's original layout, bare or under model.diffusion_model., or in
+# diffusers' own) that mark a checkpoint of an architecture farm does not render, with its name (and article).
+# diffusers tells these files apart by the same keys (loaders/single_file_utils.py, CHECKPOINT_KEY_NAMES).
+OTHER_ARCHITECTURE_KEYS = (
+    ("conditioner.embedders.", "an SDXL"),  # SDXL base and refiner: their text encoders sit under conditioner
+    ("add_embedding.", "an SDXL"),  # a diffusers-layout SDXL UNet: the micro-conditioning embedding
+    ("joint_blocks.", "an SD3"),  # the MMDiT of Stable Diffusion 3 and 3.5
+    ("double_blocks.", "a Flux"),  # Flux's double-stream transformer blocks
+)
+LDM_UNET_PREFIX = "model.diffusion_model."
+# A single file's first UNet convolution, (channels, in_channels, 3, 3): its in_channels is the latent
+# channels farm feeds (4), or more for a UNet that also takes an image or mask (inpainting 9, depth 5,
+# instruct-pix2pix 8, the x4 upscaler 7), which farm's text-to-image and img2img loop never gives.
+UNET_IN_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "conv_in.weight")
+LATENT_CHANNELS = 4
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Words given whole-word BPE merges in the tiny tokenizer, so the demo prompts tokenize
 # into words like a real CLIP vocabulary would; anything else falls back to characters.
@@ -77,13 +101,16 @@ def is_known_model_ref(ref: str) -> bool:
 
 
 def resolve_model(ref: str, allow_pickle: bool = False, config: str | None = None) -> ResolvedModel:
-    """Turn a model reference into a local path, with a clear error when it cannot be."""
+    """Turn a model reference into a local path, with a clear error when it cannot be, or when it
+    holds an architecture farm does not render (read from model_index.json or a single file's
+    header, never the weights)."""
     if ref in PRESETS:
         return ResolvedModel(ref, "preset", str(ensure_tiny()))
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelError(f"model {ref!r}: folder has no model_index.json (not a diffusers pipeline folder)")
+        check_pipeline_class(path, f"model {ref!r}")
         return ResolvedModel(ref, "folder", str(path.resolve()), allow_pickle=allow_pickle)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -94,12 +121,70 @@ def resolve_model(ref: str, allow_pickle: bool = False, config: str | None = Non
             )
         if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
             raise ModelError(f"model {ref!r}: expected a .safetensors file, a diffusers folder or a hub id")
+        if suffix == ".safetensors":
+            check_single_file(path, f"model {ref!r}")
+        if config is not None and (Path(config).expanduser() / "model_index.json").is_file():
+            check_pipeline_class(Path(config).expanduser(), f"model_config {config!r}")
         return ResolvedModel(ref, "single_file", str(path.resolve()), config)
     if HUB_ID.fullmatch(ref):
-        return ResolvedModel(ref, "folder", find_in_hub_cache(ref), allow_pickle=allow_pickle)
+        folder = find_in_hub_cache(ref)
+        check_pipeline_class(Path(folder), f"model {ref!r}")
+        return ResolvedModel(ref, "folder", folder, allow_pickle=allow_pickle)
     raise ModelError(
         f"model {ref!r}: not a preset ({', '.join(PRESETS)}), an existing folder or file, or a hub id (org/name)"
     )
+
+
+def check_pipeline_class(folder: Path, what: str) -> None:
+    """ModelError unless the folder's model_index.json names a pipeline farm renders (RENDERED_PIPELINES)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelError(f"{what}: cannot read its model_index.json ({exc.strerror or exc})") from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ModelError(f"{what}: its model_index.json is not valid JSON ({exc})") from exc
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if name in RENDERED_PIPELINES:
+        return
+    rendered = f"{', '.join(RENDERED_PIPELINES)}: {RENDERED_FAMILIES}"
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"{what}: its model_index.json names no pipeline (_class_name); farm renders {rendered}")
+    raise ModelError(f"{what}: pipeline {_shown(name)} is not one farm renders ({rendered})")
+
+
+def check_single_file(path: Path, what: str) -> None:
+    """ModelError when a .safetensors file's header (key names and shapes; no tensor is read) shows an
+    architecture farm does not render. A header that cannot be read passes: loading reports it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            keys = list(fh.keys())
+            first = next((fh.get_slice(key).get_shape() for key in UNET_IN_KEYS if key in keys), None)
+    except (OSError, SafetensorError):
+        return
+    for key in keys:
+        bare = key.removeprefix(LDM_UNET_PREFIX)
+        for prefix, family in OTHER_ARCHITECTURE_KEYS:
+            if bare.startswith(prefix):
+                found = key[: len(key) - len(bare)] + prefix  # our own words: no text from the file
+                raise ModelError(
+                    f"{what}: {family} checkpoint (it has {found}* keys), "
+                    f"not an architecture farm renders ({RENDERED_FAMILIES})"
+                )
+    if first is not None and len(first) == 4 and first[1] != LATENT_CHANNELS:
+        raise ModelError(
+            f"{what}: its UNet takes {first[1]} input channels (an inpainting, depth, instruct-pix2pix or "
+            f"upscaler checkpoint), not the {LATENT_CHANNELS} of the text-to-image UNets farm renders"
+        )
+
+
+def _shown(text: Any, limit: int = 80) -> str:
+    """A name read from a file, for a one-line message: as is when plain, else a bounded repr."""
+    if isinstance(text, str) and len(text) <= limit and re.fullmatch(r"[\w.\-]+", text):
+        return text
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def cached_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> str | None:

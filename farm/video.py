@@ -112,6 +112,18 @@ def _open_capture(path: Path) -> Any:
     return capture
 
 
+def video_frame_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of a video's frames as its stream says, read before any frame is decoded,
+    so a caller can refuse a huge video cheaply; (0, 0) where the stream does not say."""
+    import cv2
+
+    capture = _open_capture(Path(path))
+    try:
+        return int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    finally:
+        capture.release()
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Frame count (by decoding every frame), fps and size of a video, through cv2.VideoCapture."""
     import cv2

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from test_animation import write_clip
+from test_input_limits import bomb_png
 
 import farm.driver
 from farm.cli import main
@@ -43,6 +44,8 @@ def bomb_keys(levels: int = 9) -> bytes:
     return "\n".join(lines).encode()
 
 
+# A valid 13000x13000 PNG of 20 KB: over the input pixel limit, refused from its header.
+BIG_PNG = bomb_png(13000, 13000)
 NAME_MSG = "name: expected letters, digits, '_', '-' or '.' (it names the output folder)"
 NOT_A_MAPPING = "{job}: expected a mapping of fields"
 # 1e16 tasks from four small axes: refused from the count, never expanded.
@@ -157,7 +160,17 @@ CASES = [
         "model '{files}/empty_dir': folder has no model_index.json",
     ),
     ("model_hub_not_cached", b"model: nobody-here/no-such-model\n", "model 'nobody-here/no-such-model' is not in"),
+    (
+        "model_sdxl_folder",
+        b"model: {files}/sdxl\n",
+        "model '{files}/sdxl': pipeline StableDiffusionXLPipeline is not one farm renders",
+    ),
     ("init_image_missing", b"defaults: {init_image: missing.png}\n", "defaults.init_image: no such file: missing.png"),
+    (
+        "init_image_over_pixel_limit",
+        b"defaults: {init_image: {files}/big.png}\n",
+        "defaults.init_image: {files}/big.png: 13000x13000 pixels is over farm's limit",
+    ),
     ("init_image_a_folder", b"defaults: {init_image: {files}/empty_dir}\n", "defaults.init_image: no such file"),
     ("init_image_swept", b"sweep: {init_image: [{files}/init.png, gone.png]}\n", "sweep.init_image[1]: no such file"),
     ("embedding_missing", b"defaults: {embeddings: [missing.pt]}\n", "defaults.embeddings[0]: no such file"),
@@ -297,6 +310,9 @@ def folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     files = tmp_path / "files"
     (files / "empty_dir").mkdir(parents=True)
     (files / "init.png").write_bytes(b"an image")
+    (files / "big.png").write_bytes(BIG_PNG)
+    (files / "sdxl").mkdir()
+    (files / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     (files / "notes.txt").write_text("not a model")
     (files / "model.ckpt").write_bytes(b"a pickle")
     (files / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 and then nothing")

@@ -123,6 +123,30 @@ def test_probe_video_of_a_video_written_by_write_video(tmp_path: Path) -> None:
     assert info.fps == pytest.approx(12.5)
 
 
+def test_video_frame_size_reads_the_stream_without_decoding(clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The size a caller checks against the input pixel limit before probe_video decodes anything."""
+    import farm.video
+
+    def no_read(self, *args):
+        raise AssertionError("a frame was decoded")
+
+    real = cv2.VideoCapture
+
+    class Capture:  # cv2's VideoCapture with its decoding calls refused
+        def __init__(self, *args):
+            self._capture = real(*args)
+
+        read = grab = retrieve = no_read
+
+        def __getattr__(self, name):
+            return getattr(self._capture, name)
+
+    monkeypatch.setattr(cv2, "VideoCapture", Capture)
+    assert farm.video.video_frame_size(clip) == (CLIP_W, CLIP_H)
+    with pytest.raises(VideoError, match="no such video"):
+        farm.video.video_frame_size(clip.with_name("missing.mp4"))
+
+
 def test_probe_video_errors(tmp_path: Path) -> None:
     with pytest.raises(VideoError, match="no such video"):
         probe_video(tmp_path / "missing.mp4")

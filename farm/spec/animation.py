@@ -132,7 +132,8 @@ def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[l
     once, into a cache named by the video's hash, so a rerun finds the same files)."""
     # Here, not at the top: farm.video loads numpy and PIL, which a job without a source
     # never needs, so ``import farm.spec`` stays as light as it was before the package.
-    from farm.video import VideoError, extract_frames, list_image_folder, probe_video
+    from farm.images import check_input_pixels
+    from farm.video import VideoError, extract_frames, list_image_folder, probe_video, video_frame_size
 
     if not isinstance(source, str) or not source:
         raise SpecError("animate.source: expected a path to a video file or a folder of images")
@@ -148,6 +149,10 @@ def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[l
         elif path.is_file():
             if path.suffix.lower() not in VIDEO_READ_SUFFIXES:
                 raise SpecError(f"animate.source: {source}: expected a video ({', '.join(VIDEO_READ_SUFFIXES)})")
+            try:  # before probe_video, which decodes every frame at full size
+                check_input_pixels(*video_frame_size(path))
+            except ValueError as exc:
+                raise SpecError(f"animate.source: {source}: {exc}") from exc
             info = probe_video(path)
             total, fps, files = info.frame_count, info.fps, None
         else:
@@ -162,7 +167,7 @@ def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[l
             raise SpecError(f"animate: {len(indices)} frames; at most {MAX_FRAMES} in one shot")
         if files is not None:
             chosen = [files[i] for i in indices]
-            return chosen, None, lambda: hash_files(chosen)
+            return chosen, None, lambda: hash_files(chosen, check_size=True)
         folder = farm_home() / "frames" / file_sha256(path)
 
         def materialise() -> dict[str, str]:
@@ -180,11 +185,22 @@ def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[l
         raise SpecError(f"animate.source: cannot read {source} ({exc.strerror or exc})") from exc
 
 
-def hash_files(paths: list[Path]) -> dict[str, str]:
+def hash_files(paths: list[Path], check_size: bool = False) -> dict[str, str]:
+    """path -> sha256 of each source frame; with ``check_size`` (a folder's own images, which farm
+    did not decode), each is first refused if its header says it is over the input pixel limit."""
+    from farm.images import check_input_image
+
+    hashes: dict[str, str] = {}
     try:
-        return {str(p): file_sha256(p) for p in paths}
+        for path in paths:
+            if check_size:
+                check_input_image(path)
+            hashes[str(path)] = file_sha256(path)
+    except ValueError as exc:
+        raise SpecError(f"animate.source: {path}: {exc}") from exc
     except OSError as exc:
         raise SpecError(f"animate.source: cannot read {exc.filename} ({exc.strerror or exc})") from exc
+    return hashes
 
 
 def _apply_prompts(section: dict[str, Any], defaults: dict[str, Any], swept: set[str], frames: list[dict]) -> None:

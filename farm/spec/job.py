@@ -332,16 +332,21 @@ def _parse_perturb(section: Any, axes: list[Axis], defaults: dict[str, Any]) -> 
 
 
 def _resolve_files(defaults: dict[str, Any], axes: list[Axis], base_dir: Path) -> dict[str, str]:
-    """Make init image and embedding paths absolute, check they exist, and hash them."""
+    """Make init image and embedding paths absolute, check they exist, and hash them; an init image
+    over the input pixel limit is refused from its header (images.MAX_INPUT_PIXELS)."""
     hashes: dict[str, str] = {}
+    images: set[str] = set()  # the init images whose size was checked (a sweep may name one many times)
 
-    def resolve(path: str, where: str) -> str:
+    def resolve(path: str, where: str, image: bool = False) -> str:
         full = Path(path).expanduser()
         full = full if full.is_absolute() else base_dir / full
         try:
             if not full.is_file():
                 raise SpecError(f"{where}: no such file: {path}")
             resolved = str(full.resolve())
+            if image and resolved not in images:
+                check_image(resolved, f"{where}: {path}")
+                images.add(resolved)
             if resolved not in hashes:
                 hashes[resolved] = file_sha256(resolved)
         except OSError as exc:
@@ -350,7 +355,7 @@ def _resolve_files(defaults: dict[str, Any], axes: list[Axis], base_dir: Path) -
 
     def fix(key: str, value: Any, where: str) -> Any:
         if key == "init_image" and value is not None:
-            return resolve(value, where)
+            return resolve(value, where, image=True)
         if key == "embeddings":
             out = []
             for i, e in enumerate(value):
@@ -369,6 +374,17 @@ def _resolve_files(defaults: dict[str, Any], axes: list[Axis], base_dir: Path) -
             )
             axes[i] = (names, fixed)
     return hashes
+
+
+def check_image(path: str, where: str) -> None:
+    """SpecError when an input image's header says it is over the input pixel limit (nothing is decoded)."""
+    # Here, not at the top: farm.images loads numpy and PIL, which a job without images never needs.
+    from farm.images import check_input_image
+
+    try:
+        check_input_image(path)
+    except ValueError as exc:
+        raise SpecError(f"{where}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------
