@@ -8,6 +8,7 @@ imported inside functions, so importing this module (as the driver does) stays l
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -16,13 +17,22 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from farm import metrics, storage
+from farm.errors import FatalRenderError
 from farm.inputs import read_init_images
 from farm.manifest import base_row
+from farm.models import ModelError
 from farm.outputs import Producer, write_outputs
 from farm.spec import Batch, Embedding, RenderTask
 
 if TYPE_CHECKING:
     from farm.text import LoadedEmbedding
+
+# Write errors that every retry of the batch would meet again: the folder refuses writes (read-only,
+# not a folder) or the disk is full. Others (a network file system's hiccup) may pass, and are retried.
+LASTING_WRITE_ERRORS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+    | {errno.ENOSPC, errno.EDQUOT}
+)
 
 # Sets of textual-inversion files whose vectors an actor keeps while its model is loaded (as
 # many as the render core keeps prompt encoders), so a batch does not read its files again.
@@ -141,8 +151,14 @@ class BatchRenderer:
         of GPU memory, the batch is split in halves and each rendered on its own. Either way
         rows record the batch actually rendered (its own ``batch_id``, size and index).
         Tasks in ``skip`` (already done) are neither rendered nor written.
+
+        A model that cannot load or an output that cannot be written raises FatalRenderError
+        (its message names the model or the file): the driver fails the batch without retrying.
         """
-        self.load(batch.tasks[0].model)
+        try:
+            self.load(batch.tasks[0].model)
+        except ModelError as exc:  # a missing or unusable model file stays so on a retry
+            raise FatalRenderError(str(exc)) from exc
         start = time.perf_counter()
         todo = [t for t in batch.tasks if t.task_id not in skip]
         errors: dict[str, str] = {}
@@ -157,7 +173,12 @@ class BatchRenderer:
         if rendered:
             producer = self.producer()
             for part, result, seconds in rendered:
-                rows += write_outputs(self.filesystem, self.base, self.job, part, result, seconds, producer)
+                try:
+                    rows += write_outputs(self.filesystem, self.base, self.job, part, result, seconds, producer)
+                except storage.WriteFailed as exc:
+                    if exc.errno in LASTING_WRITE_ERRORS:  # "cannot write <file>: <reason>"
+                        raise FatalRenderError(str(exc)) from exc
+                    raise
         metrics.record_batch(self.job, self.actor_id, rows, time.perf_counter() - start)
         return rows
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +15,11 @@ from pyarrow.lib import ArrowException
 
 from farm import __version__
 from farm.driver import RenderOptions
-from farm.errors import EXIT_FAILED, FarmError
+from farm.errors import EXIT_FAILED, FarmError, Terminated
 from farm.manifest import FORMATS
 
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by Ctrl-C
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: ended by SIGTERM (ray job stop, a scheduler)
 DRY_RUN_SHOWN = 10
 # The driver's own defaults, shown in --help: one place for each (driver.RenderOptions).
 RENDER_DEFAULTS = RenderOptions()
@@ -51,6 +54,24 @@ def io_errors(where: str) -> Iterator[None]:
 @click.version_option(__version__, prog_name="farm")
 def main() -> None:
     """farm: render Stable Diffusion grids on Ray, with a Parquet manifest per job."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread, so it ends a render the
+    way Ctrl-C does: rows saved, lock released, Ray shut down. The old handler comes back after."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set one
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @main.command()
@@ -91,6 +112,7 @@ def main() -> None:
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle checkpoints (.ckpt/.bin), which can run code.")
 @click.option("--dry-run", is_flag=True, help="Print the task count and the first tasks; start nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--wait", is_flag=True, help="If another run is rendering this job folder, wait for it; don't exit.")
 def render(
     job: Path,
     out: str,
@@ -103,8 +125,13 @@ def render(
     allow_pickle: bool,
     dry_run: bool,
     no_progress: bool,
+    wait: bool,
 ) -> None:
-    """Render every task of JOB (a YAML job spec) into OUT/<job name>/."""
+    """Render every task of JOB (a YAML job spec) into OUT/<job name>/.
+
+    One run writes a job folder at a time; a second run of the same job exits 2 naming the
+    first (or, with --wait, waits for it). Ctrl-C or SIGTERM saves finished batches (exit 130, 143).
+    """
     from farm.driver import dry_run_tasks, run_job
     from farm.spec import load_job
 
@@ -132,13 +159,15 @@ def render(
         device=device,
         allow_pickle=allow_pickle,
         progress=not no_progress,
+        wait=wait,
     )
     try:
-        with io_errors(f"--out {out}"):  # an output folder that cannot be written
-            summary = run_job(spec, options)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: finished batches are saved; run the same command again to resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        with sigterm_as_interrupt(), io_errors(f"--out {out}"):  # an output folder that cannot be written
+            summary = run_job(spec, options, notify=lambda message: click.echo(message, err=True))
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        click.echo(f"\n{how}: finished batches are saved; run the same command again to resume", err=True)
+        sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
     click.echo(
         f"{spec.name}: rendered {summary.rendered}, skipped {summary.skipped}, failed {summary.failed} "
         f"of {summary.total} in {summary.elapsed:.1f}s ({summary.images_per_second:.2f} images/s)"
@@ -178,7 +207,9 @@ def query(job_dir: str, sql: str, fmt: str, output: str | None) -> None:
     from farm.manifest import run_query
 
     with io_errors(output or job_dir):
-        click.echo(run_query(job_dir, sql, fmt, output))
+        # color=True: click would strip escape sequences from piped output, and CSV/JSON keep the
+        # stored text exactly (the table escapes control characters itself).
+        click.echo(run_query(job_dir, sql, fmt, output), color=True)
 
 
 @main.command()
@@ -188,15 +219,21 @@ def runs(out: str, fmt: str) -> None:
     """List the jobs under OUT (an output root: a path or a pyarrow.fs URI), by name.
 
     Per job: ok and failed image rows, images (tasks with an ok image), captured step frames,
-    and the first and last row's created_at.
+    and the first and last row's created_at. A job whose manifest cannot be read is named in
+    a warning instead (exit 1).
 
     Example: farm runs out
     """
     from farm.manifest import format_table
     from farm.manifest import runs as list_runs
 
+    problems: list[str] = []
     with io_errors(out):
-        click.echo(format_table(list_runs(out), fmt))
+        click.echo(format_table(list_runs(out, problems), fmt), color=True)
+    for problem in problems:
+        click.echo(f"warning: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()
@@ -309,6 +346,8 @@ def grid(job_dir: str, x: str, y: str, where: str | None, output: str | None) ->
         image, info = xy_plot(job_dir, x, y, where)
     with io_errors(output):
         _save_png(image, output)
+    for warning in info.warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(info.summary(output))
 
 
@@ -326,10 +365,12 @@ def sheet(job_dir: str, where: str | None, columns: int | None, output: str | No
 
     output = output or _picture_name(job_dir, "sheet")
     with io_errors(job_dir):
-        image, n = contact_sheet(job_dir, where, columns)
+        image, info = contact_sheet(job_dir, where, columns)
     with io_errors(output):
         _save_png(image, output)
-    click.echo(f"wrote {output}: {n} images, {image.width}x{image.height} px")
+    for warning in info.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(info.summary(output, image.size))
 
 
 @main.command()
@@ -369,6 +410,8 @@ def video(
 
     with io_errors(output or job_dir):
         result = stitch(job_dir, output, fps, order, where, side_by_side)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(result.summary())
 
 
@@ -386,7 +429,54 @@ def report(job_dir: str, output: str | None) -> None:
 
     with io_errors(job_dir):
         info = write_report(job_dir, output)
+    for warning in info.warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(info.summary())
+
+
+@main.command()
+@click.argument("job_dir", type=str)
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Render the tasks of missing or altered files again (farm render of JOB_DIR/job.yaml).",
+)
+@click.option(
+    "--quarantine", is_flag=True, help="First move manifest part files that cannot be read to manifest-quarantine/."
+)
+@click.option("--address", default=None, help="With --repair: the Ray cluster to join. Default: embedded Ray.")
+@click.option("--actors", type=click.IntRange(min=1), default=None, help="With --repair: actors (as farm render).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --repair: tasks per UNet batch. Default: the largest batch the rows record.",
+)
+@click.option("--allow-pickle", is_flag=True, help="With --repair: allow pickle checkpoints (.ckpt/.bin).")
+@click.option("--no-progress", is_flag=True, help="With --repair: no progress bar.")
+def verify(
+    job_dir: str,
+    repair: bool,
+    quarantine: bool,
+    address: str | None,
+    actors: int | None,
+    batch_size: int | None,
+    allow_pickle: bool,
+    no_progress: bool,
+) -> None:
+    """Check that every ok image (and captured frame) of JOB_DIR is there with the sha256 its
+    row records: a line per missing or altered file, then a summary. Exit 0 when all match, 1
+    when not (with --repair: when the repair left something wrong).
+
+    Example: farm verify out/demo --repair
+    """
+    from farm.verify import Repair
+    from farm.verify import verify as verify_job
+
+    how = Repair(address, actors, batch_size, allow_pickle, not no_progress) if repair else None
+    with io_errors(job_dir):
+        ok = verify_job(job_dir, click.echo, quarantine=quarantine, repair=how)
+    sys.exit(0 if ok else EXIT_FAILED)
 
 
 if __name__ == "__main__":

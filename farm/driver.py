@@ -8,16 +8,20 @@ videos are written at the end by ``farm.stitch``.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from farm import layout, manifest, metrics, storage
-from farm.errors import FarmError
+from farm.errors import FarmError, RunFailed, Terminated
 from farm.layout import ANIMATION_FILE, IMAGES_DIR, JOB_FILE, MANIFEST_DIR, RUN_FILE, SUMMARY_FILE, random_base_of
+from farm.lock import JobLock
 from farm.manifest import failed_rows
 from farm.models import PRESETS, ModelError, resolve_model
 from farm.pool import ActorPlan, ActorPool, error_message, start_actors
@@ -48,6 +52,7 @@ class RenderOptions:
     retries: int = DEFAULT_RETRIES
     flush_seconds: float = FLUSH_SECONDS
     progress: bool = True
+    wait: bool = False  # another run holds the job folder: wait for it rather than refuse (farm.lock)
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,13 +176,33 @@ def prepare_output(spec: JobSpec, root: str) -> int:
 # Ray
 
 
+# When this process started its embedded Ray (time.time()), or None: Ray is one per process, and
+# so is this. stop_ray ends only Ray processes of ours created since (never another Ray's).
+_embedded_since: float | None = None
+# Ray's processes: its daemons by name; its workers and agents by the title they give themselves.
+RAY_DAEMONS = ("raylet", "gcs_server")
+RAY_TITLE = "ray::"
+# After ray.shutdown, what is left of our Ray gets this long to exit on SIGTERM before SIGKILL.
+RAY_STOP_SECONDS = 1.0
+
+
 def start_ray(address: str | None) -> bool:
-    """Join a cluster at ``address``, or start an embedded local Ray. True if we started it."""
+    """Join a cluster at ``address``, or start an embedded local Ray. True if we started it.
+
+    Ray's init replaces the process's SIGTERM handler with one that exits at once (code 15,
+    nothing saved, nothing shut down); the caller's handler is put back. A start that does not
+    finish (it fails, or Ctrl-C or SIGTERM comes mid-start) shuts down what it had started, so
+    no Ray process outlives us.
+    """
     import ray
 
+    global _embedded_since
     if ray.is_initialized():
         return False
+    _embedded_since = None if address else time.time()
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
+    main_thread = threading.current_thread() is threading.main_thread()
+    term_handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -186,8 +211,67 @@ def start_ray(address: str | None) -> bool:
             # it serves no dashboard: nothing listens beyond what Ray itself needs.
             ray.init(address="local", include_dashboard=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
+        stop_ray()
         raise FarmError(f"--address {address or 'local'}: cannot start or join Ray: {exc}") from exc
+    except SystemExit as exc:  # Ray's own SIGTERM handler, in force while its init runs
+        stop_ray()
+        if exc.code == signal.SIGTERM:
+            raise Terminated() from None
+        raise
+    except BaseException:
+        stop_ray()
+        raise
+    finally:
+        if term_handler is not None:
+            signal.signal(signal.SIGTERM, term_handler)
     return True
+
+
+def stop_ray() -> None:
+    """Shut down the Ray that start_ray started, and whatever of an embedded one is left.
+
+    ray.shutdown stops what ray.init started (raylet, GCS), not what the raylet started: its
+    agents (dashboard, runtime env) and workers. Those follow the raylet within seconds, except
+    when it goes mid-start (a SIGTERM during start-up): then the agents wait up to a minute to
+    report its death to a GCS that is gone too. So the embedded Ray's processes among this
+    process's descendants (listed before shutdown orphans them) that outlive it are ended.
+    """
+    import ray
+
+    global _embedded_since
+    since, _embedded_since = _embedded_since, None
+    leftovers = _ray_descendants(since) if since is not None else []
+    ray.shutdown()
+    if not leftovers:
+        return
+    import psutil  # Ray's own (it ships one), present wherever Ray is
+
+    for process in leftovers:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(leftovers, timeout=RAY_STOP_SECONDS)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+def _ray_descendants(since: float) -> list[Any]:
+    """Ray's processes among this process's descendants created since ``since`` (psutil.Process)."""
+    try:
+        import psutil
+    except ImportError:  # no psutil: ray.shutdown alone, as before
+        return []
+    found = []
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                command = process.cmdline()
+                # a worker's or agent's title; or Ray's own Python scripts (dashboard, log monitor)
+                ray_own = process.name() in RAY_DAEMONS or (command and command[0].startswith(RAY_TITLE))
+                ray_own = ray_own or any("/ray/" in part for part in command[1:2])
+                if ray_own and process.create_time() >= since - 1:
+                    found.append(process)
+    return found
 
 
 def plan_actors(resources: dict[str, float], options: RenderOptions) -> ActorPlan:
@@ -214,10 +298,14 @@ def plan_actors(resources: dict[str, float], options: RenderOptions) -> ActorPla
 # The run
 
 
-def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
-    """Render every task of a job not already done, and write its manifest."""
-    import ray
+def run_job(spec: JobSpec, options: RenderOptions, notify: Callable[[str], None] | None = None) -> Summary:
+    """Render every task of a job not already done, and write its manifest.
 
+    Before anything is written, the output is checked (it takes a write) and the job folder
+    locked: one run writes a job folder at a time (farm.lock). A live holder is refused, or with
+    ``options.wait`` waited for (``notify`` hears about it). The lock is released however the
+    run ends.
+    """
     # 1. Check the models locally where we can, so a bad reference fails before Ray starts
     #    (presets always resolve; building one here would import torch into the driver)
     root = layout.job_root(options.out, spec.name)
@@ -227,10 +315,33 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
                 resolve_model(model, options.allow_pickle, spec.model_config)
             except ModelError as exc:
                 raise FarmError(str(exc)) from exc
+    label = storage.join(options.out, spec.name)  # the folder as the user named it
+    check_writable(root, options.out, label)
+    lock = JobLock(root, label)
+    lock.acquire(options.wait, notify)
+    try:
+        return render_locked(spec, options, root, lock)
+    finally:
+        lock.release()
+
+
+def check_writable(root: str, out: str, label: str) -> None:
+    """Write and delete a probe file in the job folder, so an output that cannot be written is
+    refused in one line before Ray starts (rather than every batch rendered, then failed)."""
+    filesystem, base = storage.open_root(root)
+    try:
+        storage.check_writable(filesystem, base)
+    except OSError as exc:
+        raise FarmError(f"--out {out}: cannot write to {label}: {storage.reason(exc)}") from exc
+
+
+def render_locked(spec: JobSpec, options: RenderOptions, root: str, lock: JobLock) -> Summary:
+    """run_job once the job folder is ours: prepare it, skip what is done, render the rest."""
+    import ray
 
     # 2. Prepare the output folder and find what is already done
     random_base = prepare_output(spec, root)
-    done = manifest.ok_task_ids(root)
+    done = manifest.done_task_ids(root)
     summary = Summary(job_root=root, total=spec.count())
     # The first task not done names the model the actors load at start-up.
     first, todo = None, 0
@@ -254,10 +365,10 @@ def run_job(spec: JobSpec, options: RenderOptions) -> Summary:
             summary.startup = time.perf_counter() - start
             # 4. Dispatch batches with backpressure; write rows as they arrive
             work = plan_work(spec, spec.tasks(random_base), done, options.batch_size)
-            dispatch(spec, root, actors, work, done, todo, options, summary)
+            dispatch(spec, root, actors, work, done, todo, options, summary, lock.check)
         finally:
             if started:
-                ray.shutdown()
+                stop_ray()
     # 5. An animation's videos, one per shot, and their flicker
     if spec.animation is not None:
         videos = write_shot_videos(spec, root, spec.tasks(random_base), done)
@@ -309,14 +420,22 @@ def dispatch(
     todo: int,
     options: RenderOptions,
     summary: Summary,
+    guard: Callable[[], None] = lambda: None,
 ) -> None:
     """Keep every actor busy, retry failures, and write manifest parts as results stream in.
 
     Two kinds of failure. A batch whose render raised is retried up to ``options.retries``
-    times, then gets failed rows. An actor that died (killed, or its node lost) is not the
-    batch's fault: its batches go back to the queue for the other actors without using up
-    their retries (up to MAX_ACTOR_LOSSES per batch, so a batch that kills every actor it
-    meets still ends), and the actor rests until Ray has restarted it (``ActorPool``).
+    times, then gets failed rows; at once if the error says a retry cannot help (the actor
+    raised FatalRenderError: an output it cannot write, a model it cannot load). An actor that
+    died (killed, or its node lost) is not the batch's fault: its batches go back to the queue
+    for the other actors without using up their retries (up to MAX_ACTOR_LOSSES per batch, so
+    a batch that kills every actor it meets still ends), and the actor rests until Ray has
+    restarted it (``ActorPool``).
+
+    Rows that cannot be written (a full disk) stay in the sink, and no new work goes out while
+    they wait; once the batches in flight are in, one more write is tried: it raises
+    RowsNotWritten (exit 1), or it succeeds and the run goes on. ``guard`` is called on every
+    round and raises to stop the run (run_job's: the job folder's lock was lost).
     """
     pool: ActorPool[Attempt] = ActorPool(actors)
     retry: deque[Attempt] = deque()  # tried before: these go out before new work
@@ -334,15 +453,19 @@ def dispatch(
 
     with RowSink(spec.name, root, done, summary, todo, options.flush_seconds, options.progress) as sink:
         while True:
+            guard()
             # 1. Hand work to every actor with room (and ask the rested ones whether they are back)
             pool.wake()
-            for index in pool.free_slots():
+            for index in () if sink.stalled else pool.free_slots():
                 if (attempt := next_attempt()) is None:
                     break
                 pool.submit(index, attempt.batch, sink.done_in(attempt.batch), attempt)
             metrics.set_queue_depth(spec.name, pool.busy + len(retry))
             if not pool.busy and not retry and work.empty:
                 break
+            if not pool.busy and sink.stalled:
+                sink.flush()  # the last try: RowsNotWritten ends the run; written, the run goes on
+                continue
             # 2. Wait for a batch's answer (or a rest's end, or buffered rows falling due)
             for reply in pool.wait(sink.due_at()):
                 attempt = reply.ticket
@@ -355,7 +478,7 @@ def dispatch(
                     )
                     rows = give_up(attempt, message)
                 elif reply.error is not None:  # the render raised
-                    if attempt.failures < options.retries:
+                    if attempt.failures < options.retries and not reply.fatal:
                         retry.append(replace(attempt, failures=attempt.failures + 1))
                         continue
                     rows = give_up(attempt, error_message(reply.error))
@@ -372,7 +495,13 @@ def dispatch(
 
 
 def write_summary(root: str, summary: Summary) -> None:
-    layout.write_json(root, SUMMARY_FILE, summary.to_dict(), indent=2)
+    """Keep the run's summary. It is written after rendering, so failing to is exit 1 (exit 2 says
+    refused before rendering); the images and their rows are already saved."""
+    try:
+        layout.write_json(root, SUMMARY_FILE, summary.to_dict(), indent=2)
+    except OSError as exc:
+        where = storage.join(root, SUMMARY_FILE)
+        raise RunFailed(f"{storage.reason(exc)} writing {where}; the images and their rows are saved") from exc
 
 
 def dry_run_tasks(spec: JobSpec, out: str, limit: int) -> tuple[int, list[RenderTask]]:

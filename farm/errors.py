@@ -16,3 +16,24 @@ class FarmError(Exception):
     """A problem phrased for the user in one line; ``farm`` prints it and exits with ``exit_code``."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class RunFailed(FarmError):
+    """The job started rendering but could not finish (its rows could not be written, another run
+    took its folder): exit 1, and the message says what is safe and that a rerun finishes it."""
+
+    exit_code = EXIT_FAILED
+
+
+class FatalRenderError(FarmError):
+    """An actor's error that the same batch would meet again on any retry (an output folder that
+    cannot be written, a model file that is missing): the driver fails the batch at once instead
+    of rendering it again. The message is the row's error."""
+
+    exit_code = EXIT_FAILED
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a scheduler), raised where Ctrl-C raises KeyboardInterrupt, so a
+    render ends the same way (finished batches saved, lock released, Ray shut down) and the CLI
+    can still tell the two apart (exit 143, not 130)."""

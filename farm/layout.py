@@ -5,9 +5,11 @@
         run.json                            the run's random-seed draw (a rerun draws the same seeds)
         animation.json                      animate and walk jobs: fps, mode, frames per shot
         summary.json                        the last run's counts, timings and videos
+        lock.json                           while a render runs: who holds the folder (farm.lock)
         images/<task_id>.png                one image per task
         frames/<task_id>/<kind>-<step>.png  step captures
         manifest/part-*.parquet             the rows (farm.manifest)
+        manifest-quarantine/                part files set aside as unreadable (farm verify --quarantine)
         report/                             the HTML gallery (farm report)
         <job>.mp4, <job>-shot<N>.mp4        an animation's videos
 
@@ -25,11 +27,15 @@ IMAGES_DIR = "images"
 # Step captures: frames/<task_id>/<kind>-<step>.png, one row each (docs/steering.md, "Step capture").
 FRAMES_DIR = "frames"
 MANIFEST_DIR = "manifest"
+# Part files no reader can open, moved aside by `farm verify --quarantine` so the rest reads.
+QUARANTINE_DIR = "manifest-quarantine"
 REPORT_DIR = "report"
 JOB_FILE = "job.yaml"
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 ANIMATION_FILE = "animation.json"
+# One writer at a time: the running render's host, pid, start and lease (farm.lock).
+LOCK_FILE = "lock.json"
 # A folder holding any of these is a job folder, even before its first rows land.
 JOB_MARKERS = (MANIFEST_DIR, JOB_FILE, RUN_FILE)
 

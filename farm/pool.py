@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from farm.actor import BatchRenderer
-from farm.errors import FarmError
+from farm.errors import FarmError, FatalRenderError
 from farm.spec import Batch
 
 # One batch rendering and one queued per actor: the actor never waits for the driver, and
@@ -100,18 +100,31 @@ def error_message(exc: BaseException) -> str:
     return text.splitlines()[-1] if text else type(exc).__name__
 
 
+def is_fatal(exc: BaseException) -> bool:
+    """Whether a render's error says a retry cannot help (the actor raised a FatalRenderError):
+    Ray's error is an instance of its cause's class, and carries the cause too."""
+    while exc is not None:
+        if isinstance(exc, FatalRenderError):
+            return True
+        cause = getattr(exc, "cause", None)
+        exc = cause if cause is not exc else None
+    return False
+
+
 @dataclass(frozen=True)
 class Reply(Generic[Ticket]):
     """What came back for one batch: its rows, or why there are none.
 
     ``lost`` is set when the actor died or is restarting (not the batch's fault); ``error``
-    when the render raised. The ticket is whatever the driver handed in with the batch.
+    when the render raised, and ``fatal`` when that error says a retry cannot help. The ticket
+    is whatever the driver handed in with the batch.
     """
 
     ticket: Ticket
     rows: list[dict[str, Any]] | None = None
     lost: BaseException | None = None
     error: BaseException | None = None
+    fatal: bool = False
 
 
 class ActorPool(Generic[Ticket]):
@@ -198,7 +211,7 @@ class ActorPool(Generic[Ticket]):
                 self.rest(index)
                 replies.append(Reply(ticket, lost=exc))
             except RayError as exc:  # the render raised
-                replies.append(Reply(ticket, error=exc))
+                replies.append(Reply(ticket, error=exc, fatal=is_fatal(exc)))
         return replies
 
     def rest(self, index: int) -> None:

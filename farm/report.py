@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
@@ -26,7 +26,9 @@ THUMB_SIZE = 256
 @dataclass
 class ReportInfo:
     index: str  # path (or URI) of index.html
-    images: int  # thumbnails written = ok image rows
+    images: int  # thumbnails written = ok image rows whose file is there
+    missing: list[str] = field(default_factory=list)  # ok image rows whose file is gone: left out
+    warnings: list[str] = field(default_factory=list)  # one line each, for stderr
 
     def summary(self) -> str:
         text = f"wrote {self.index}: {self.images} images"
@@ -64,7 +66,8 @@ def _image_base(job_root: str, out_dir: str) -> str:
 
 
 def write_report(job_root: str, out_dir: str | None = None, thumb_size: int = THUMB_SIZE) -> ReportInfo:
-    """Write ``<out_dir>/index.html`` and ``<out_dir>/thumbs/<task_id>.jpg`` for every ok image row.
+    """Write ``<out_dir>/index.html`` and ``<out_dir>/thumbs/<task_id>.jpg`` for every ok image
+    row (each task's latest row) whose image file is there; the others are named in the warnings.
 
     ``out_dir`` defaults to ``<job_root>/report``. ManifestError for a missing or non-job folder.
     """
@@ -76,14 +79,22 @@ def write_report(job_root: str, out_dir: str | None = None, thumb_size: int = TH
 
     filesystem, base = storage.open_root(job_root)
     out_fs, out_base = storage.open_root(out_dir)
+    shown: list[dict[str, Any]] = []
+    missing: list[str] = []
     for row in rows:
-        data = storage.read_bytes(filesystem, storage.join(base, row["image_path"]))
+        try:
+            data = storage.read_bytes(filesystem, storage.join(base, row["image_path"]))
+        except FileNotFoundError:  # one lost file costs its thumbnail, not the gallery
+            missing.append(row["image_path"])
+            continue
+        shown.append(row)
         thumb = open_rgb(data)
         thumb.thumbnail((thumb_size, thumb_size))
         buffer = io.BytesIO()
         thumb.save(buffer, format="JPEG", quality=85)
         storage.write_bytes(out_fs, storage.join(out_base, THUMB_DIR, f"{row['task_id']}.jpg"), buffer.getvalue())
 
+    rows = shown
     columns = [name for name, _, _ in manifest.COLUMNS]
     job_name = rows[0]["job"] if rows else job_root.rstrip("/").rsplit("/", 1)[-1]
     page = (
@@ -94,7 +105,12 @@ def write_report(job_root: str, out_dir: str | None = None, thumb_size: int = TH
     )
     index = storage.join(out_base, "index.html")
     storage.write_bytes(out_fs, index, page.encode("utf-8"))
-    return ReportInfo(index=index if "://" not in out_dir else storage.join(out_dir, "index.html"), images=len(rows))
+    return ReportInfo(
+        index=index if "://" not in out_dir else storage.join(out_dir, "index.html"),
+        images=len(rows),
+        missing=missing,
+        warnings=[manifest.missing_warning(job_root, missing)] if missing else [],
+    )
 
 
 def _html_escape(text: str) -> str:

@@ -3,10 +3,11 @@
 Two entry points, plain functions without Ray; both render in this process with
 ``BatchRenderer`` into a temporary folder:
 
-- ``reproduce_task(job_root, task_id, out_dir)``: from the manifest. The task's whole recorded
-  batch is rendered again (every ok image row with its ``batch_id``, in ``batch_index`` order,
-  each task rebuilt from its row's ``task_json``), so on the same machine kind and dtype the
-  bytes are identical.
+- ``reproduce_task(job_root, task_id, out_dir)``: from the manifest, whose reader gives each
+  task image its latest row (``manifest.LATEST``: the one that describes the file). The task's
+  whole recorded batch is rendered again (every ok image row with its ``batch_id``, in
+  ``batch_index`` order, each task rebuilt from its row's ``task_json``), so on the same machine
+  kind and dtype the bytes are identical. A task whose latest row is failed has no image to compare.
 - ``reproduce_image(png_path, out_dir)``: from the PNG's own ``farm`` metadata alone. The PNG
   knows its batch's id, size and its index, not the other tasks, so it is rendered alone.
 
@@ -96,11 +97,8 @@ def reproduce_task(
         error = _latest(mine)["error"] or "no error recorded"
         raise ReproduceError(f"task {task_id} has no image to compare (its row is {_latest(mine)['status']}: {error})")
     row = _latest(ok)
-    mates: dict[str, dict[str, Any]] = {}
-    for r in sorted(rows, key=_created):
-        if r["status"] == "ok" and r["batch_id"] == row["batch_id"]:
-            mates[r["task_id"]] = r  # a later row for the same task wins
-    members = sorted(mates.values(), key=lambda r: r["batch_index"])
+    mates = [r for r in rows if r["status"] == "ok" and r["batch_id"] == row["batch_id"]]  # one row per task
+    members = sorted(mates, key=lambda r: r["batch_index"])
     tasks = tuple(RenderTask.from_json(r["task_json"]) for r in members)
     for r, task in zip(members, tasks, strict=True):
         if task.task_id != r["task_id"]:

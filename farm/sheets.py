@@ -52,6 +52,8 @@ class PlotInfo:
     overlaps: int  # cells that several rows matched; each shows the first by task_id
     size: tuple[int, int]
     prompts: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # image files gone: their cells are empty
+    warnings: list[str] = field(default_factory=list)  # one line each, for stderr
 
     def summary(self, path: str) -> str:
         line = (
@@ -63,6 +65,18 @@ class PlotInfo:
         if self.overlaps:
             line += f", {self.overlaps} with several images (first by task_id shown)"
         return line
+
+
+@dataclass
+class SheetInfo:
+    """What a contact sheet holds: its image count, and the images left out (their files gone)."""
+
+    images: int
+    missing: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # one line each, for stderr
+
+    def summary(self, path: str, size: tuple[int, int]) -> str:
+        return f"wrote {path}: {self.images} images, {size[0]}x{size[1]} px"
 
 
 def image_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
@@ -101,21 +115,26 @@ def xy_plot(
     prompts = sorted({r["prompt"] for r in rows})
 
     filesystem, base = storage.open_root(job_root)
-    first = _load(filesystem, base, rows[0]["image_path"])
+    missing: list[str] = []
+    first_row, first = _first_image(job_root, filesystem, base, list(chosen.values()), missing)
     nx, ny = len(x_values), len(y_values)
     cell = _cell_size(first.size, nx, ny, max_side - LABEL_WIDTH, max_side - TITLE_HEIGHT - LABEL_HEIGHT)
     cw, ch = cell
     top, left = TITLE_HEIGHT + LABEL_HEIGHT, LABEL_WIDTH
     canvas = Image.new("RGB", (left + nx * cw, top + ny * ch), BACKGROUND)
+    filled = 0
     for i in range(nx):
         for j in range(ny):
             box = (left + i * cw, top + j * ch)
             row = chosen.get((i, j))
-            if row is None:
+            image = None
+            if row is not None:  # images are read one at a time: a big plot never holds them all
+                image = first if row is first_row else _load(filesystem, base, row["image_path"], missing)
+            if image is None:  # no row, or its file is gone
                 canvas.paste(Image.new("RGB", cell, EMPTY_COLOUR), box)
                 continue
-            image = first if row is rows[0] else _load(filesystem, base, row["image_path"])
             canvas.paste(_fit(image, cell), box)
+            filled += 1
 
     draw = ImageDraw.Draw(canvas)
     font, title_font = _font(FONT_SIZE), _font(TITLE_FONT_SIZE)
@@ -135,30 +154,38 @@ def xy_plot(
         x_values=x_values,
         y_values=y_values,
         cells=nx * ny,
-        filled=len(chosen),
+        filled=filled,
         overlaps=sum(1 for n in counts.values() if n > 1),
         size=canvas.size,
         prompts=prompts,
+        missing=missing,
+        warnings=[manifest.missing_warning(job_root, missing)] if missing else [],
     )
     return canvas, info
 
 
 def contact_sheet(
     job_root: str, where: str | None = None, columns: int | None = None, max_side: int = MAX_SIDE
-) -> tuple[Image.Image, int]:
+) -> tuple[Image.Image, SheetInfo]:
     """A plain grid of a job's ok images in render order (created_at, batch, position in it):
-    ``columns`` across (default ceil(sqrt(n)), at most n); returns the sheet and n."""
+    ``columns`` across (default ceil(sqrt(n)), at most n); returns the sheet and what it holds.
+    An image whose file is gone is left out, with a warning."""
     if columns is not None and columns < 1:
         raise SheetError(f"--columns {columns}: expected 1 or more")
     rows = _rows(job_root, "task_id, image_path", where, "created_at, batch_id, batch_index, task_id")
-    n = len(rows)
-    cols = min(columns or math.ceil(math.sqrt(n)), n)
-    nrows = math.ceil(n / cols)
     filesystem, base = storage.open_root(job_root)
-    first = _load(filesystem, base, rows[0]["image_path"])
-    cell = _cell_size(first.size, cols, nrows, max_side, max_side)
-    images = [_fit(first, cell)] + [_fit(_load(filesystem, base, r["image_path"]), cell) for r in rows[1:]]
-    return image_grid(images, nrows, cols), n
+    missing: list[str] = []
+    first_row, first = _first_image(job_root, filesystem, base, rows, missing)
+    cols = min(columns or math.ceil(math.sqrt(len(rows))), len(rows))
+    cell = _cell_size(first.size, cols, math.ceil(len(rows) / cols), max_side, max_side)
+    images = [_fit(first, cell)]  # shrunk as they are read, so the list stays within the cap
+    for row in rows:  # those before the first are missing: the order holds
+        if row is not first_row and (image := _load(filesystem, base, row["image_path"], missing)) is not None:
+            images.append(_fit(image, cell))
+    n = len(images)  # fewer when files are missing: laid out again, cells keep their size
+    cols = min(columns or math.ceil(math.sqrt(n)), n)
+    info = SheetInfo(n, missing, [manifest.missing_warning(job_root, missing)] if missing else [])
+    return image_grid(images, math.ceil(n / cols), cols), info
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,9 +225,29 @@ def _label(value: Any) -> str:
     return str(value)
 
 
-def _load(filesystem, base: str, image_path: str) -> Image.Image:
-    data = storage.read_bytes(filesystem, storage.join(base, image_path))
+def _load(filesystem, base: str, image_path: str, missing: list[str]) -> Image.Image | None:
+    """An image of the job, or None (and its path added to ``missing``) when its file is gone."""
+    if image_path in missing:
+        return None
+    try:
+        data = storage.read_bytes(filesystem, storage.join(base, image_path))
+    except FileNotFoundError:
+        missing.append(image_path)
+        return None
     return open_rgb(data)
+
+
+def _first_image(
+    job_root: str, filesystem, base: str, rows: list[dict], missing: list[str]
+) -> tuple[dict, Image.Image]:
+    """The first row whose image can be read, and the image (its size sets the cells)."""
+    for row in rows:
+        if (image := _load(filesystem, base, row["image_path"], missing)) is not None:
+            return row, image
+    raise SheetError(
+        f"{job_root}: no image file is left of the {len(rows)} ok rows ({missing[0]}, ...); "
+        f"`farm verify --repair {job_root}` renders them again"
+    )
 
 
 def _cell_size(size: tuple[int, int], nx: int, ny: int, room_x: int, room_y: int) -> tuple[int, int]:

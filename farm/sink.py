@@ -6,17 +6,26 @@ into the run's ``Summary``, moves the progress bar, and writes buffered rows as 
 part when enough have gathered or enough time has passed. Leaving its ``with`` block writes
 whatever is still buffered, however the block is left (Ctrl-C included): rows already
 rendered always reach the manifest (DESIGN.md, nothing lost, nothing twice).
+
+A write that fails (a full disk) drops nothing: the rows stay buffered and the next flush tries
+again. While rows wait like that the sink is ``stalled`` (the driver sends no new work); a flush
+the caller asks for, the last one included, raises ``RowsNotWritten``, whose one line says how
+many rendered images are waiting for their rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from farm import manifest
+from farm import manifest, storage
+from farm.errors import RunFailed
+from farm.layout import MANIFEST_DIR
 from farm.spec import Batch
 
 # Rows are written out at least this often (seconds) and whenever this many are buffered,
@@ -68,6 +77,20 @@ class Summary:
         }
 
 
+# A write error with one of these means the disk (or the user's quota) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class RowsNotWritten(RunFailed):
+    """Rows that could not be written to the manifest: they stay buffered; exit 1."""
+
+    def __init__(self, folder: str, cause: OSError, images: int) -> None:
+        why = "disk full" if cause.errno in DISK_FULL else storage.reason(cause)
+        super().__init__(f"{why} writing {folder}; {images} images are safe, rerun to finish")
+        self.cause = cause
+        self.images = images
+
+
 class RowSink:
     """Buffers result rows, counts them into a Summary, and writes them as manifest parts.
 
@@ -94,6 +117,7 @@ class RowSink:
         self.flush_seconds = flush_seconds
         self.buffer: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
+        self.write_error: OSError | None = None  # the last flush's failure, while its rows wait
         self.bar = tqdm(total=todo, unit="img", disable=not progress, dynamic_ncols=True, desc=job)
 
     def __enter__(self) -> RowSink:
@@ -126,15 +150,33 @@ class RowSink:
         """When the buffered rows must be written (time.monotonic()), or None with none buffered."""
         return self.last_flush + self.flush_seconds if self.buffer else None
 
+    @property
+    def stalled(self) -> bool:
+        """Rows wait for a write that failed: new work would only add rows that cannot be written."""
+        return self.write_error is not None and bool(self.buffer)
+
     def flush_if_due(self) -> None:
+        """Flush if enough rows or time have gathered. A failed write keeps the rows buffered and
+        is tried again when due (a full disk may be freed meanwhile); it does not end the run."""
         if len(self.buffer) >= FLUSH_ROWS or time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
+            with contextlib.suppress(RowsNotWritten):  # the rows wait; the driver sees ``stalled``
+                self.flush()
 
     def flush(self) -> None:
-        """Write the buffered rows as one manifest part (a batch's rows always land together)."""
+        """Write the buffered rows as one manifest part (a batch's rows always land together).
+
+        Raises RowsNotWritten if the write fails; the rows stay buffered for the next try.
+        """
         if self.buffer:
-            manifest.write_part(self.root, self.buffer)
+            try:
+                manifest.write_part(self.root, self.buffer)
+            except OSError as exc:
+                self.write_error = exc
+                self.last_flush = time.monotonic()  # try again in flush_seconds, not at once
+                images = sum(r.get("capture") is None and r["status"] == "ok" for r in self.buffer)
+                raise RowsNotWritten(storage.join(self.root, MANIFEST_DIR), exc, images) from exc
             self.buffer.clear()
+        self.write_error = None
         self.last_flush = time.monotonic()
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ class VideoResult:
     frames: int
     fps: float
     flicker: float  # mean absolute difference of consecutive frames, 0-255
+    missing: tuple[str, ...] = ()  # images whose file is gone: left out of the video
+    warnings: tuple[str, ...] = ()  # one line each, for stderr
 
     def summary(self) -> str:
         return f"wrote {self.path}: {self.frames} frames at {self.fps:g} fps, flicker {self.flicker:.2f}"
@@ -71,18 +73,36 @@ def write_job_video(
     if not relpaths:
         raise StitchError("no frames to write")
     pairs: list[float] = []  # the renders' flicker, not the source's beside them
-    frames: Iterable[np.ndarray] = frames_with_flicker((read_image(filesystem, base, p) for p in relpaths), pairs)
-    if sources is not None:
-        frames = (side_by_side(_read_local(s), image) for s, image in zip(sources, frames, strict=True))
+    missing: list[str] = []
+    found: list[int] = []  # the index of each frame read, the last one being the frame in hand
+
+    def read_all() -> Iterator[np.ndarray]:
+        for index, relpath in enumerate(relpaths):
+            try:
+                image = read_image(filesystem, base, relpath)
+            except FileNotFoundError:  # a lost file costs its frame, not the video
+                missing.append(relpath)
+                continue
+            found.append(index)
+            yield image
+
+    frames: Iterable[np.ndarray] = frames_with_flicker(read_all(), pairs)
+    if sources is not None:  # each frame's own source, found by its index (frames may be left out)
+        frames = (side_by_side(_read_local(sources[found[-1]]), image) for image in frames)
     out_filesystem, out_path = storage.open_root(output)
-    if isinstance(out_filesystem, pafs.LocalFileSystem):
-        count = write_video(frames, out_path, fps)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "video" + Path(out_path).suffix)
-            count = write_video(frames, path, fps)
-            storage.write_bytes(out_filesystem, out_path, Path(path).read_bytes())
-    return VideoResult(output, count, fps, sum(pairs) / len(pairs) if pairs else 0.0)
+    try:
+        if isinstance(out_filesystem, pafs.LocalFileSystem):
+            count = write_video(frames, out_path, fps)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "video" + Path(out_path).suffix)
+                count = write_video(frames, path, fps)
+                storage.write_bytes(out_filesystem, out_path, Path(path).read_bytes())
+    except VideoError as exc:
+        if len(missing) == len(relpaths):
+            raise StitchError(f"no image file is left of the {len(relpaths)} frames ({missing[0]}, ...)") from exc
+        raise
+    return VideoResult(output, count, fps, sum(pairs) / len(pairs) if pairs else 0.0, tuple(missing))
 
 
 @dataclass
@@ -119,6 +139,8 @@ def write_shot_videos(spec: JobSpec, root: str, tasks: Iterable[RenderTask], don
         result.videos.append((name, video.flicker))
         if len(frames) < len(shot):
             result.errors.append(f"{name}: {len(frames)} of {len(shot)} frames ({len(shot) - len(frames)} failed)")
+        if video.missing:
+            result.errors.append(f"{name}: {manifest.missing_warning(root, list(video.missing))}")
     return result
 
 
@@ -185,6 +207,9 @@ def stitch(
             raise StitchError("--side-by-side: some rows have no init_image (source frame) to show")
     fps = fps or animation_fps(job_root) or DEFAULT_FPS
     try:
-        return write_job_video(filesystem, base, [r["image_path"] for r in rows], output, fps, sources)
+        result = write_job_video(filesystem, base, [r["image_path"] for r in rows], output, fps, sources)
     except VideoError as exc:
         raise StitchError(str(exc)) from exc
+    if result.missing:
+        result = replace(result, warnings=(manifest.missing_warning(job_root, list(result.missing)),))
+    return result

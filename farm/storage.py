@@ -6,6 +6,7 @@ renamed, so a crash never leaves a half-written image or manifest part under its
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -35,14 +36,70 @@ def join(*parts: str) -> str:
 TMP_SUFFIX = ".tmp"
 
 
+class WriteFailed(OSError):
+    """A write that failed, named by the file it was writing (never its hidden temporary name).
+
+    An OSError still (``errno`` kept), so callers that handle I/O errors handle it; its text is
+    the user's line: ``cannot write <path>: <reason>``. The arguments are OSError's own
+    (errno, reason, path), so it pickles (an actor's error crosses Ray).
+    """
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def reason(exc: OSError) -> str:
+    """An I/O error's cause in a few words ("Permission denied"), without the library's wording
+    around it (pyarrow's strerror holds "Failed to open local file '...'. Detail: ...")."""
+    if isinstance(exc, WriteFailed):
+        return exc.strerror
+    if exc.errno:
+        return os.strerror(exc.errno)
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
+
+
 def write_bytes(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a file atomically: a hidden temporary name, then a rename."""
+    """Write a file atomically: a hidden temporary name, then a rename.
+
+    On failure (a full disk, a read-only folder) the temporary file is removed, so no partial
+    file is left behind, and the error raised is a WriteFailed naming ``path``.
+    """
     parent, name = path.rsplit("/", 1)
-    filesystem.create_dir(parent, recursive=True)
     tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
-    with filesystem.open_output_stream(tmp) as out:
-        out.write(data)
-    filesystem.move(tmp, path)
+    try:
+        filesystem.create_dir(parent, recursive=True)
+        with filesystem.open_output_stream(tmp) as out:
+            out.write(data)
+        filesystem.move(tmp, path)
+    except OSError as exc:
+        _discard(filesystem, tmp)
+        raise WriteFailed(exc.errno, reason(exc), path) from exc
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: leave no partial file either
+        _discard(filesystem, tmp)
+        raise
+
+
+def _discard(filesystem: pafs.FileSystem, tmp: str) -> None:
+    """Delete a failed write's temporary file, if it got that far; a failure here changes nothing
+    (the next render's remove_temporaries deletes what is left)."""
+    try:
+        if exists(filesystem, tmp):
+            filesystem.delete_file(tmp)
+    except OSError:
+        pass
+
+
+# The probe a render writes and deletes before Ray starts, to find an unwritable output at once.
+PROBE_NAME = ".farm-write-probe"
+
+
+def check_writable(filesystem: pafs.FileSystem, folder: str) -> None:
+    """Write and delete a small file in ``folder`` (created if missing); raises the OSError
+    (a WriteFailed) if the folder cannot take a write."""
+    probe = join(folder, f"{PROBE_NAME}-{uuid.uuid4().hex[:8]}")
+    write_bytes(filesystem, probe, b"farm\n")
+    filesystem.delete_file(probe)
 
 
 def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:

@@ -20,11 +20,11 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("storage", "images", "video", "schedules", "metrics"), 1),  # tools
     "models": 2,  # references (its torch half is imported inside functions)
     "spec": 3,  # values
-    **dict.fromkeys(("layout", "manifest"), 4),  # records
+    **dict.fromkeys(("layout", "columns", "manifest", "lock"), 4),  # records
     **dict.fromkeys(("noise", "text", "embeddings", "losses", "render"), 5),  # model
     **dict.fromkeys(("actor", "inputs", "outputs"), 6),  # work
     **dict.fromkeys(("driver", "pool", "sink"), 7),  # run
-    **dict.fromkeys(("reproduce", "stitch", "sheets", "report"), 8),  # results
+    **dict.fromkeys(("reproduce", "stitch", "sheets", "report", "verify"), 8),  # results
     "cli": 9,  # face
 }
 # The one call upward: at the end of an animation job the driver has stitch write its videos;

@@ -53,11 +53,13 @@ def frame_rows(image_rows: list[dict], steps: int = 2) -> list[dict]:
 
 
 def make_job(root: Path, name: str = "job") -> str:
-    """A job of four part files: two batches, a failed batch, its retry, step frames."""
+    """A job of four part files: two batches, a failed batch, its retry (of two of its three
+    tasks: their failed rows are superseded, seed 9 stays failed), step frames. 13 rows, of
+    which the manifest shows 11: 8 ok images, 1 failed, 2 frames."""
     job = str(root / name)
     first = rows_for(name, [1, 2, 3], 5.0, minute=0)
     write_part(job, first + frame_rows(first[:1]))
-    write_part(job, rows_for(name, [4, 5], 7.5, minute=1, status="failed"))
+    write_part(job, rows_for(name, [4, 5, 9], 7.5, minute=1, status="failed"))
     write_part(job, rows_for(name, [6, 7, 8], 7.5, minute=1))  # same created_at as the failed part
     write_part(job, rows_for(name, [4, 5], 7.5, minute=2))  # the resume's retry
     return job
@@ -78,13 +80,15 @@ def answers(job: str) -> list[list[dict]]:
 def test_compact_merges_parts_and_every_query_answers_the_same(tmp_path: Path):
     job = make_job(tmp_path)
     before, done_before = answers(job), ok_task_ids(job)
-    assert len(parts(job)) == 4 and before[0] == [{"n": 12}]
+    assert len(parts(job)) == 4 and before[0] == [{"n": 11}]
+    assert query(job, "SELECT count(*) AS n FROM manifest_all").to_pylist() == [{"n": 13}]
     message = compact(job)
-    assert "merged 4 part files (12 rows)" in message
+    assert "merged 4 part files (11 rows)" in message and "dropped 2 superseded rows" in message
     after = parts(job)
     assert len(after) == 1 and after[0].startswith("part-") and after[0].endswith(".parquet")
     assert answers(job) == before
     assert ok_task_ids(job) == done_before and len(done_before) == 8
+    assert query(job, "SELECT count(*) AS n FROM manifest_all").to_pylist() == [{"n": 11}]
 
 
 def test_compacted_file_keeps_the_schema_and_a_deterministic_order(tmp_path: Path):
@@ -175,10 +179,10 @@ def test_a_part_written_during_a_compaction_stays_visible(tmp_path: Path, monkey
     monkeypatch.undo()
     late = rows_for("job", [9, 10], 5.0, minute=3)
     write_part(job, late)  # a render adds a part after the merge committed
-    assert query(job, QUERIES[0]).to_pylist() == [{"n": 14}]
+    assert query(job, QUERIES[0]).to_pylist() == [{"n": 13}]
     compact(job)  # finishes the first (the late part is not in its list), then merges both
     assert len(parts(job)) == 1
-    assert query(job, QUERIES[0]).to_pylist() == [{"n": 14}]
+    assert query(job, QUERIES[0]).to_pylist() == [{"n": 13}]
     assert {r["task_id"] for r in late} <= ok_task_ids(job)
 
 
@@ -223,7 +227,7 @@ def test_query_writes_parquet_to_a_file(tmp_path: Path):
     target = tmp_path / "result" / "r.parquet"
     result = invoke("query", job, sql, "--format", "parquet", "-o", str(target))
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == f"wrote 10 rows to {target}"
+    assert result.output.strip() == f"wrote 9 rows to {target}"
     assert pq.read_table(target).equals(query(job, sql))
 
 
@@ -293,7 +297,7 @@ def test_runs_lists_jobs_with_counts(tmp_path: Path):
     by = {r["job"]: r for r in rows}
     assert {k: by["zeta"][k] for k in ("ok", "failed", "images", "frames")} == {
         "ok": 8,
-        "failed": 2,
+        "failed": 1,
         "images": 8,
         "frames": 2,
     }

@@ -229,3 +229,18 @@ def test_chromium_applies_a_filter_from_the_hash_and_screenshots(report, tmp_pat
         assert colours is not None and len(colours) > 10
         # the seed-2 thumbnails' colours (guidance 3.0: (90, 140, 120)) are on screen
         assert any(abs(c[0] - 90) < 8 and abs(c[1] - 140) < 8 and abs(c[2] - 120) < 8 for _, c in colours)
+
+
+def test_a_missing_image_is_left_out_of_the_gallery_with_a_warning(tmp_path):
+    job, ok = make_job(tmp_path)
+    (job / "images" / f"{ok[1]}.png").unlink()
+    info = write_report(str(job))
+    assert info.images == 5 and info.missing == [f"images/{ok[1]}.png"]
+    rows = embedded_rows((job / "report" / "index.html").read_text())
+    assert sorted(r["task_id"] for r in rows) == sorted(ok[:1] + ok[2:])
+    assert not (job / "report" / "thumbs" / f"{ok[1]}.jpg").exists()
+    result = CliRunner().invoke(main, ["report", str(job)])
+    assert result.exit_code == 0, result.output
+    assert "5 images" in result.stdout
+    (warning,) = result.stderr.splitlines()
+    assert warning.startswith(f"warning: left out 1 image whose file is missing (images/{ok[1]}.png)")

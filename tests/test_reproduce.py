@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,23 @@ def test_a_failed_task_is_a_clear_error(job, tmp_path):
     root, tasks = job
     with pytest.raises(ReproduceError, match=r"has no image to compare \(its row is failed: init_image: "):
         reproduce_task(str(root), tasks[4].task_id, str(tmp_path))
+
+
+def test_the_latest_row_of_a_task_is_the_one_compared(job, tmp_path):
+    """A later row supersedes the task's ok row (manifest.LATEST): a later failed row (its image
+    found altered) leaves nothing to compare; a later ok row is the record compared with."""
+    root = _copy(job, tmp_path)
+    _, tasks = job
+    rows = manifest.read_manifest(str(root)).to_pylist()
+    (row,) = [r for r in rows if r["task_id"] == tasks[0].task_id and not r["capture"]]
+    later = row["created_at"] + timedelta(seconds=1)
+    manifest.write_part(str(root), [row | {"image_sha256": "ab" * 32, "created_at": later}])
+    result = reproduce_task(str(root), tasks[0].task_id, str(tmp_path / "diff"))
+    assert result.recorded_sha256 == "ab" * 32 and not result.identical
+    failed = row | {"status": "failed", "error": "image altered", "image_sha256": None}
+    manifest.write_part(str(root), [failed | {"created_at": later + timedelta(seconds=1)}])
+    with pytest.raises(ReproduceError, match=r"has no image to compare \(its row is failed: image altered\)"):
+        reproduce_task(str(root), tasks[0].task_id, str(tmp_path / "diff"))
 
 
 def test_a_folder_without_a_manifest_is_a_clear_error(tmp_path):

@@ -178,8 +178,8 @@ def test_xy_plot_errors(tmp_path: Path):
 )
 def test_contact_sheet_size(tmp_path: Path, where, columns, n, grid):
     job = make_job(tmp_path)
-    image, count = contact_sheet(job, where=where, columns=columns)
-    assert count == n
+    image, info = contact_sheet(job, where=where, columns=columns)
+    assert info.images == n and info.missing == info.warnings == []
     assert image.size == (grid[0] * SIZE, grid[1] * SIZE)
 
 
@@ -247,3 +247,52 @@ def test_cli_errors_exit_2_with_one_line(tmp_path: Path, args, message):
     assert message in result.output and result.output.count("\n") == 1
     assert result.output.startswith("error: ")
     assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Missing image files
+
+
+def image_of(job: str, guidance: float, seed: int) -> Path:
+    from farm.manifest import query
+
+    sql = f"SELECT image_path FROM manifest WHERE capture IS NULL AND guidance = {guidance} AND seed = {seed}"
+    return Path(job) / query(job, sql).column("image_path")[0].as_py()
+
+
+def test_a_missing_image_is_an_empty_cell_and_a_warning_not_a_failure(tmp_path: Path):
+    job = make_job(tmp_path)
+    gone = [image_of(job, 3.0, 1), image_of(job, 7.5, 4)]  # 3.0/1 is the plot's first cell
+    for path in gone:
+        path.unlink()
+    image, info = xy_plot(job, "guidance", "seed")
+    assert (info.cells, info.filled) == (12, 10)
+    assert sorted(info.missing) == sorted(p.relative_to(job).as_posix() for p in gone)
+    (warning,) = info.warnings
+    assert warning.startswith("left out 2 images whose file is missing") and f"farm verify --repair {job}" in warning
+    assert image.getpixel(cell_centre(info, 0, 0, (SIZE, SIZE))) == (128, 128, 128)
+    assert image.getpixel(cell_centre(info, 1, 0, (SIZE, SIZE))) == colour(5.0, 1)
+    sheet, sheet_info = contact_sheet(job, columns=4)
+    assert sheet_info.images == 10 and len(sheet_info.warnings) == 1
+    assert sheet.size == (4 * SIZE, 3 * SIZE)
+
+
+def test_cli_sheet_and_grid_write_and_warn_when_an_image_is_missing(tmp_path: Path):
+    job = make_job(tmp_path)
+    image_of(job, 5.0, 2).unlink()
+    for args in (["sheet", job], ["grid", job, "--x", "guidance", "--y", "seed"]):
+        out = tmp_path / f"{args[0]}.png"
+        result = CliRunner().invoke(main, [*args, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"wrote {out}: ") and out.is_file()
+        (warning,) = result.stderr.splitlines()
+        assert warning.startswith("warning: left out 1 image whose file is missing (images/")
+
+
+def test_a_sheet_with_no_image_file_left_is_one_line(tmp_path: Path):
+    job = make_job(tmp_path)
+    for path in (Path(job) / "images").iterdir():
+        path.unlink()
+    result = CliRunner().invoke(main, ["sheet", job, "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "no image file is left" in result.stderr
+    assert len(result.output.splitlines()) == 1 and not (tmp_path / "x.png").exists()

@@ -1,0 +1,215 @@
+"""``farm verify``: is every ok row's file there, with the bytes its row records? And the repairs:
+set unreadable part files aside (``--quarantine``), render again what is missing or altered
+(``--repair``).
+
+A row is the record of its image (DESIGN.md): an image whose file is gone, or whose bytes no
+longer hash to the row's ``image_sha256``, is not what the manifest says. Each folder is listed
+once to find the missing files, and each file there is read once (reading is the check's cost).
+
+The repair is ``farm render`` of the folder's own ``job.yaml`` into the same output root, so its
+batches and bytes are a render's. A missing image needs nothing more: a render skips only the
+tasks whose image is there (``manifest.done_task_ids``). An altered image (or a captured frame
+missing or altered) gets a ``failed`` row first, so its task's latest row is not ok and the
+render takes it; the render's new rows then supersede those (``manifest.LATEST``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from farm import layout, manifest, storage
+from farm.errors import FarmError
+from farm.images import sha256_bytes
+from farm.layout import JOB_FILE, MANIFEST_DIR, QUARANTINE_DIR
+
+if TYPE_CHECKING:
+    from farm.sink import Summary
+
+ALTERED = "image altered: sha256 differs from its row (farm verify)"
+FRAME_BAD = "a captured frame is missing or altered (farm verify)"
+
+
+class VerifyError(FarmError):
+    """A repair that cannot be done safely (no job.yaml, a renamed folder, tasks the spec no
+    longer makes): one line for the user."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One ok row whose file is not as the row says."""
+
+    task_id: str
+    path: str  # relative to the job folder
+    capture: str | None  # None: the task's image; else a captured frame's kind
+    recorded: str | None  # the row's image_sha256
+    actual: str | None  # the file's sha256; None: the file is missing
+
+    def line(self) -> str:
+        if self.actual is None:
+            return f"missing: {self.path}"
+        return f"altered: {self.path} (sha256 {self.actual[:12]}, its row says {(self.recorded or 'none')[:12]})"
+
+
+@dataclass
+class Check:
+    """What ``check_files`` found."""
+
+    job_root: str
+    checked: int  # ok rows (files) checked
+    problems: list[Problem]
+    failed: int  # tasks whose latest image row is failed (not files: the render's errors)
+    quarantined: list[str] = field(default_factory=list)  # part files set aside this time
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.quarantined
+
+    def summary(self) -> str:
+        counts = [f"{sum(p.actual is None for p in self.problems)} missing"]
+        counts.append(f"{sum(p.actual is not None for p in self.problems)} altered")
+        text = f"{self.job_root}: {self.checked} file{'s' if self.checked != 1 else ''} checked"
+        text += f": {', '.join(counts)}" if self.problems else ", all as their rows say"
+        if self.quarantined:
+            text += f"; {len(self.quarantined)} part file(s) set aside, their rows gone"
+        if not self.ok:
+            text += f"; `farm verify --repair {self.job_root}` renders their tasks again"
+        if self.failed:
+            text += f" ({self.failed} task{'s' if self.failed != 1 else ''} failed: a render tries again)"
+        return text
+
+
+@dataclass(frozen=True)
+class Repair:
+    """How ``--repair`` renders: ``farm render``'s options; batch_size None is the largest batch recorded."""
+
+    address: str | None = None
+    actors: int | None = None
+    batch_size: int | None = None
+    allow_pickle: bool = False
+    progress: bool = True
+
+
+def check_files(job_root: str, quarantined: list[str] | None = None) -> Check:
+    """Check every ok row (each task image's and frame's latest row) against its file."""
+    filesystem, base = manifest.open_job(job_root)
+    columns = "task_id, status, capture, image_path, image_sha256"
+    rows = manifest.query(job_root, f"SELECT {columns} FROM {manifest.TABLE_NAME} ORDER BY image_path").to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    present: set[str] = set()
+    for folder in sorted({r["image_path"].split("/", 1)[0] for r in ok}):  # images/, frames/: one listing each
+        present |= manifest.files_under(filesystem, base, folder)
+    problems: list[Problem] = []
+    for row in ok:
+        actual = None
+        if row["image_path"] in present:
+            try:
+                actual = sha256_bytes(storage.read_bytes(filesystem, storage.join(base, row["image_path"])))
+            except FileNotFoundError:  # deleted since the listing
+                actual = None
+        if actual != row["image_sha256"]:
+            problems.append(Problem(row["task_id"], row["image_path"], row["capture"], row["image_sha256"], actual))
+    failed = sum(r["status"] == "failed" and r["capture"] is None for r in rows)
+    return Check(job_root, len(ok), problems, failed, list(quarantined or []))
+
+
+def quarantine_parts(job_root: str) -> list[str]:
+    """Move every manifest file whose Parquet footer cannot be read to ``manifest-quarantine/``,
+    so the rest reads again; one line for each. Its rows are gone from the manifest: a render
+    (or ``--repair``) renders those tasks again."""
+    filesystem, base = manifest.open_job(job_root)
+    target = storage.join(base, QUARANTINE_DIR)
+    lines = []
+    for name, reason in manifest.corrupt_parts(job_root):
+        filesystem.create_dir(target, recursive=True)
+        filesystem.move(storage.join(base, MANIFEST_DIR, name), storage.join(target, name))
+        lines.append(f"quarantined: {MANIFEST_DIR}/{name} -> {QUARANTINE_DIR}/{name} ({reason})")
+    return lines
+
+
+def repair_job(job_root: str, check: Check, repair: Repair) -> Summary:
+    """Render the tasks of ``check``'s problems again: ``farm render`` of the folder's job.yaml
+    into the same output root (which also renders any task not done: an interrupted run's, a
+    failed one's, one whose rows were quarantined). Returns the render's ``Summary``."""
+    from farm.driver import RenderOptions, run_job
+    from farm.spec import parse_job
+
+    filesystem, base = manifest.open_job(job_root)
+    root = storage.normalise_root(job_root)
+    out, name = root.rstrip("/").rsplit("/", 1)
+    spec_path = storage.join(base, JOB_FILE)
+    if not storage.exists(filesystem, spec_path):
+        raise VerifyError(f"{job_root}: no {JOB_FILE} to render from; render the job's spec with --out {out}")
+    local = "://" not in root
+    spec = parse_job(
+        storage.read_bytes(filesystem, spec_path).decode(),
+        default_name=name,
+        where=f"{root}/{JOB_FILE}",
+        base_dir=Path(base) if local else None,
+    )
+    if spec.name != name:
+        raise VerifyError(f"{root}/{JOB_FILE} names the job {spec.name!r}, not {name!r} (a renamed folder?)")
+    random_base = layout.random_base_of(root)
+    bad = {p.task_id for p in check.problems}
+    strangers = bad - {t.task_id for t in spec.tasks(random_base or 0)}
+    if strangers:  # rendering would make other tasks than the ones to repair: never guess
+        raise VerifyError(
+            f"{len(strangers)} of the {len(bad)} tasks to repair are not tasks of {root}/{JOB_FILE} now "
+            f"(a relative path that finds another file, a changed model?); render the job's spec with --out {out}"
+        )
+    rows = manifest.read_manifest(root).to_pylist()
+    images = {r["task_id"]: r for r in rows if r["capture"] is None}
+    _mark_failed(root, check, images)
+    batch_size = repair.batch_size or max((r["batch_size"] or 1 for r in images.values()), default=1)
+    options = RenderOptions(
+        out=out,
+        address=repair.address,
+        actors=repair.actors,
+        batch_size=batch_size,
+        allow_pickle=repair.allow_pickle,
+        progress=repair.progress,
+    )
+    return run_job(spec, options)
+
+
+def _mark_failed(root: str, check: Check, images: dict[str, dict[str, Any]]) -> None:
+    """A failed row for each task whose image is there but altered, or whose frame is bad, so
+    its latest row is not ok and the render takes it (a missing image needs none)."""
+    missing = {p.task_id for p in check.problems if p.capture is None and p.actual is None}
+    now = datetime.now(timezone.utc)
+    failed = {}
+    for problem in check.problems:
+        row = images.get(problem.task_id)
+        if problem.task_id in missing or row is None or row["status"] != "ok":
+            continue
+        error = ALTERED if problem.capture is None else FRAME_BAD
+        failed[problem.task_id] = row | {"status": "failed", "error": error, "image_sha256": None, "created_at": now}
+    if failed:
+        manifest.write_part(root, list(failed.values()))
+
+
+def verify(job_root: str, echo: Callable[[str], None], quarantine: bool = False, repair: Repair | None = None) -> bool:
+    """``farm verify``: set unreadable parts aside (``quarantine``), check every ok row's file,
+    echo a line per problem and a summary; with ``repair``, render the bad tasks again and check
+    once more. True when all is well at the end."""
+    moved = quarantine_parts(job_root) if quarantine else []
+    for line in moved:
+        echo(line)
+    check = check_files(job_root, moved)
+    for problem in check.problems:
+        echo(problem.line())
+    echo(check.summary())
+    if repair is None or check.ok:
+        return check.ok
+    summary = repair_job(job_root, check, repair)
+    echo(f"repair: rendered {summary.rendered}, skipped {summary.skipped}, failed {summary.failed} of {summary.total}")
+    for message in summary.errors[:3]:
+        echo(f"  failed: {message}")
+    after = check_files(job_root)
+    for problem in after.problems:
+        echo(problem.line())
+    echo(after.summary())
+    return after.ok and not summary.failed
