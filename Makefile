@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python benchmarks/grid_throughput.py
 	$(BIN)/python benchmarks/steering_cost.py
 	$(BIN)/python benchmarks/animation.py
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -9,6 +9,7 @@ videos are written at the end by ``farm.stitch``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import signal
 import threading
@@ -184,6 +185,7 @@ RAY_DAEMONS = ("raylet", "gcs_server")
 RAY_TITLE = "ray::"
 # After ray.shutdown, what is left of our Ray gets this long to exit on SIGTERM before SIGKILL.
 RAY_STOP_SECONDS = 1.0
+RAY_TOKEN_NOTICE = "ray._private.authentication.authentication_token_setup"
 
 
 def start_ray(address: str | None) -> bool:
@@ -201,6 +203,9 @@ def start_ray(address: str | None) -> bool:
         return False
     _embedded_since = None if address else time.time()
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
+    # Ray 2.60 turns token authentication on for a new local Ray and warns about it on every
+    # start: farm wants it on (docs/cluster.md), so the notice is only noise above the summary.
+    logging.getLogger(RAY_TOKEN_NOTICE).setLevel(logging.ERROR)
     main_thread = threading.current_thread() is threading.main_thread()
     term_handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
