@@ -88,17 +88,21 @@ def reproduce_task(
 
     if not manifest.has_manifest(job_root):
         raise ReproduceError(f"{job_root}: no manifest here (expected {MANIFEST_DIR}/part-*.parquet)")
-    rows = [r for r in manifest.read_manifest(job_root).to_pylist() if r["capture"] is None]
-    mine = [r for r in rows if r["task_id"] == task_id]
-    if not mine:
+    # The task's latest row says what its image is; its batch mates come from every row written,
+    # since a mate rendered again later (a resume, farm verify --repair) has a newer row in
+    # another batch, and the recorded batch is what renders these bytes again.
+    mine = manifest.query(job_root, f"SELECT * FROM {manifest.TABLE_NAME} WHERE {_is(task_id)} AND capture IS NULL")
+    if not mine.num_rows:
         raise ReproduceError(f"task {task_id!r} is not in the manifest of {job_root}")
-    ok = [r for r in mine if r["status"] == "ok"]
-    if not ok:
-        error = _latest(mine)["error"] or "no error recorded"
-        raise ReproduceError(f"task {task_id} has no image to compare (its row is {_latest(mine)['status']}: {error})")
-    row = _latest(ok)
-    mates = [r for r in rows if r["status"] == "ok" and r["batch_id"] == row["batch_id"]]  # one row per task
-    members = sorted(mates, key=lambda r: r["batch_index"])
+    row = mine.to_pylist()[0]
+    if row["status"] != "ok":
+        error = row["error"] or "no error recorded"
+        raise ReproduceError(f"task {task_id} has no image to compare (its row is {row['status']}: {error})")
+    in_batch = f"batch_id = '{row['batch_id']}' AND {manifest.OK_IMAGES}"
+    mates: dict[str, dict[str, Any]] = {}
+    for mate in manifest.query(job_root, f"SELECT * FROM {manifest.ALL_ROWS} WHERE {in_batch}").to_pylist():
+        mates[mate["task_id"]] = _latest([mates[mate["task_id"]], mate]) if mate["task_id"] in mates else mate
+    members = sorted(mates.values(), key=lambda r: r["batch_index"])
     tasks = tuple(RenderTask.from_json(r["task_json"]) for r in members)
     for r, task in zip(members, tasks, strict=True):
         if task.task_id != r["task_id"]:
@@ -364,6 +368,12 @@ def diff_image(diff: np.ndarray) -> bytes:
 
 def _created(row: dict[str, Any]) -> Any:
     return (row["created_at"] is not None, row["created_at"])
+
+
+def _is(task_id: str) -> str:
+    """SQL for "task_id is this one", the id quoted as an SQL string (it comes from the command line)."""
+    quoted = task_id.replace("'", "''")
+    return f"task_id = '{quoted}'"
 
 
 def _latest(rows: list[dict[str, Any]]) -> dict[str, Any]:

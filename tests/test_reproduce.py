@@ -229,6 +229,30 @@ def test_the_latest_row_of_a_task_is_the_one_compared(job, tmp_path):
         reproduce_task(str(root), tasks[0].task_id, str(tmp_path / "diff"))
 
 
+def test_a_mate_rendered_again_later_still_reproduces_in_the_recorded_batch(job, tmp_path):
+    """A batch mate re-rendered alone later (a resume after its image went missing) has a newer
+    row in another batch; the task's own recorded batch of three is still what renders it again."""
+    root = _copy(job, tmp_path)
+    _, tasks = job
+    threads = torch.get_num_threads()
+    try:
+        renderer = BatchRenderer("repro", str(root), "tiny", threads=1)
+        manifest.write_part(str(root), renderer.render(Batch.of([tasks[1]])))
+    finally:
+        torch.set_num_threads(threads)
+    latest = {r["task_id"]: r for r in manifest.read_manifest(str(root)).to_pylist() if not r["capture"]}
+    assert latest[tasks[1].task_id]["batch_size"] == 1  # the mate's latest row is in a batch of its own
+    result = reproduce_task(str(root), tasks[2].task_id, str(tmp_path / "diff"))
+    assert (result.batch_size, result.recorded_batch_size, result.warnings) == (3, 3, ())
+    assert result.identical, result
+
+
+def test_a_task_id_is_quoted_in_sql(job, tmp_path):
+    root, _ = job
+    with pytest.raises(ReproduceError, match="is not in the manifest"):
+        reproduce_task(str(root), "x' OR '1'='1", str(tmp_path / "diff"))
+
+
 def test_a_folder_without_a_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(ReproduceError, match="no manifest here"):
         reproduce_task(str(tmp_path), "abc", str(tmp_path / "diff"))
