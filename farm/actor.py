@@ -33,6 +33,8 @@ LASTING_WRITE_ERRORS = frozenset(
     {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
     | {errno.ENOSPC, errno.EDQUOT}
 )
+# Of those, the ones every other batch's writes would meet too: the run stops sending work.
+RUN_STOPPING_WRITE_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 
 # Sets of textual-inversion files whose vectors an actor keeps while its model is loaded (as
 # many as the render core keeps prompt encoders), so a batch does not read its files again.
@@ -153,7 +155,8 @@ class BatchRenderer:
         Tasks in ``skip`` (already done) are neither rendered nor written.
 
         A model that cannot load or an output that cannot be written raises FatalRenderError
-        (its message names the model or the file): the driver fails the batch without retrying.
+        (its message names the model or the file): the driver fails the batch without retrying,
+        and sends no more work when the write error would meet every batch (a full disk).
         """
         try:
             self.load(batch.tasks[0].model)
@@ -177,7 +180,8 @@ class BatchRenderer:
                     rows += write_outputs(self.filesystem, self.base, self.job, part, result, seconds, producer)
                 except storage.WriteFailed as exc:
                     if exc.errno in LASTING_WRITE_ERRORS:  # "cannot write <file>: <reason>"
-                        raise FatalRenderError(str(exc)) from exc
+                        stops = exc if exc.errno in RUN_STOPPING_WRITE_ERRORS else None
+                        raise FatalRenderError(str(exc), write_error=stops) from exc
                     raise
         metrics.record_batch(self.job, self.actor_id, rows, time.perf_counter() - start)
         return rows

@@ -454,6 +454,9 @@ def report(job_dir: str, output: str | None) -> None:
 )
 @click.option("--allow-pickle", is_flag=True, help="With --repair: allow pickle checkpoints (.ckpt/.bin).")
 @click.option("--no-progress", is_flag=True, help="With --repair: no progress bar.")
+@click.option(
+    "--wait", is_flag=True, help="With --repair: if another run is rendering JOB_DIR, wait for it; don't exit."
+)
 def verify(
     job_dir: str,
     repair: bool,
@@ -463,19 +466,24 @@ def verify(
     batch_size: int | None,
     allow_pickle: bool,
     no_progress: bool,
+    wait: bool,
 ) -> None:
     """Check that every ok image (and captured frame) of JOB_DIR is there with the sha256 its
     row records: a line per missing or altered file, then a summary. Exit 0 when all match, 1
-    when not (with --repair: when the repair left something wrong).
+    when not (with --repair: when the repair left something wrong). --repair holds the job
+    folder's lock as farm render does: another run rendering it is refused (exit 2) or, with
+    --wait, waited for.
 
     Example: farm verify out/demo --repair
     """
     from farm.verify import Repair
     from farm.verify import verify as verify_job
 
-    how = Repair(address, actors, batch_size, allow_pickle, not no_progress) if repair else None
+    how = Repair(address, actors, batch_size, allow_pickle, not no_progress, wait) if repair else None
     with io_errors(job_dir):
-        ok = verify_job(job_dir, click.echo, quarantine=quarantine, repair=how)
+        ok = verify_job(
+            job_dir, click.echo, quarantine=quarantine, repair=how, notify=lambda message: click.echo(message, err=True)
+        )
     sys.exit(0 if ok else EXIT_FAILED)
 
 

@@ -26,7 +26,7 @@ from farm.lock import JobLock
 from farm.manifest import failed_rows
 from farm.models import PRESETS, ModelError, resolve_model
 from farm.pool import ActorPlan, ActorPool, error_message, start_actors
-from farm.sink import FLUSH_SECONDS, RowSink, Summary
+from farm.sink import FLUSH_SECONDS, RowSink, RowsNotWritten, Summary
 from farm.spec import Batch, JobSpec, RenderTask, shots
 from farm.stitch import write_shot_videos
 
@@ -303,13 +303,16 @@ def plan_actors(resources: dict[str, float], options: RenderOptions) -> ActorPla
 # The run
 
 
-def run_job(spec: JobSpec, options: RenderOptions, notify: Callable[[str], None] | None = None) -> Summary:
+def run_job(
+    spec: JobSpec, options: RenderOptions, notify: Callable[[str], None] | None = None, lock: JobLock | None = None
+) -> Summary:
     """Render every task of a job not already done, and write its manifest.
 
     Before anything is written, the output is checked (it takes a write) and the job folder
     locked: one run writes a job folder at a time (farm.lock). A live holder is refused, or with
     ``options.wait`` waited for (``notify`` hears about it). The lock is released however the
-    run ends.
+    run ends. A ``lock`` given is the job folder's, already held by the caller (`farm verify
+    --repair` checks and marks under it): run_job neither takes nor releases it.
     """
     # 1. Check the models locally where we can, so a bad reference fails before Ray starts
     #    (presets always resolve; building one here would import torch into the driver)
@@ -322,6 +325,8 @@ def run_job(spec: JobSpec, options: RenderOptions, notify: Callable[[str], None]
                 raise FarmError(str(exc)) from exc
     label = storage.join(options.out, spec.name)  # the folder as the user named it
     check_writable(root, options.out, label)
+    if lock is not None:  # the caller's: it took it and releases it
+        return render_locked(spec, options, root, lock)
     lock = JobLock(root, label)
     lock.acquire(options.wait, notify)
     try:
@@ -439,11 +444,17 @@ def dispatch(
 
     Rows that cannot be written (a full disk) stay in the sink, and no new work goes out while
     they wait; once the batches in flight are in, one more write is tried: it raises
-    RowsNotWritten (exit 1), or it succeeds and the run goes on. ``guard`` is called on every
-    round and raises to stop the run (run_job's: the job folder's lock was lost).
+    RowsNotWritten (exit 1), or it succeeds and the run goes on. An image that cannot be written
+    for a reason every other batch would meet too (a full disk or quota, a read-only or refused
+    folder: the reply's ``stop``) fails its batch and stops new work the same way; once the
+    batches in flight are in and their rows written, the run ends with RowsNotWritten naming
+    the file. ``guard`` is called on every round and raises to stop the run (run_job's: the job
+    folder's lock was lost).
     """
+
     pool: ActorPool[Attempt] = ActorPool(actors)
     retry: deque[Attempt] = deque()  # tried before: these go out before new work
+    stop: OSError | None = None  # a write error that every batch would meet: no new work
 
     def next_attempt() -> Attempt | None:
         if retry:
@@ -461,11 +472,14 @@ def dispatch(
             guard()
             # 1. Hand work to every actor with room (and ask the rested ones whether they are back)
             pool.wake()
-            for index in () if sink.stalled else pool.free_slots():
+            for index in () if sink.stalled or stop else pool.free_slots():
                 if (attempt := next_attempt()) is None:
                     break
                 pool.submit(index, attempt.batch, sink.done_in(attempt.batch), attempt)
             metrics.set_queue_depth(spec.name, pool.busy + len(retry))
+            if not pool.busy and stop is not None:  # the batches in flight are in: write their rows, end
+                sink.flush()
+                raise RowsNotWritten(stop.filename or root, stop, summary.rendered) from stop
             if not pool.busy and not retry and work.empty:
                 break
             if not pool.busy and sink.stalled:
@@ -487,6 +501,7 @@ def dispatch(
                         retry.append(replace(attempt, failures=attempt.failures + 1))
                         continue
                     rows = give_up(attempt, error_message(reply.error))
+                    stop = stop or reply.stop
                 else:
                     rows = reply.rows or []
                 # 3. Record its rows; a failed frame of a chain fails the rest of its shot

@@ -28,9 +28,18 @@ class RunFailed(FarmError):
 class FatalRenderError(FarmError):
     """An actor's error that the same batch would meet again on any retry (an output folder that
     cannot be written, a model file that is missing): the driver fails the batch at once instead
-    of rendering it again. The message is the row's error."""
+    of rendering it again. The message is the row's error.
+
+    ``write_error`` is the OSError when every write of the run would fail alike (the disk or the
+    quota full, the folder read-only or refused): the driver then sends no more work. It is an
+    attribute, not the ``__cause__``, so that it crosses Ray (an exception pickles its ``__dict__``).
+    """
 
     exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, write_error: OSError | None = None) -> None:
+        super().__init__(message)
+        self.write_error = write_error
 
 
 class Terminated(KeyboardInterrupt):

@@ -163,16 +163,23 @@ class JobLock:
 
     ``acquire`` takes it (or waits for it), a thread keeps its lease fresh, ``check`` raises
     LockLost if another run has taken it over since, and ``release`` gives it back.
-    ``label`` names the folder in messages (as the user wrote it).
+    ``label`` names the folder in messages (as the user wrote it); ``retry`` is the command a
+    refusal suggests to wait for the holder.
     """
 
     def __init__(
-        self, root: str, label: str | None = None, refresh_seconds: float = REFRESH_SECONDS, command: str | None = None
+        self,
+        root: str,
+        label: str | None = None,
+        refresh_seconds: float = REFRESH_SECONDS,
+        command: str | None = None,
+        retry: str = "farm render --wait",
     ) -> None:
         self.filesystem, self.base = storage.open_root(root)
         self.local = "://" not in root
         self.path = storage.join(self.base, LOCK_FILE)
         self.label = label or root
+        self.retry = retry
         now = time.time()
         self.me = Holder(
             socket.gethostname(), os.getpid(), now, command or command_line(), uuid.uuid4().hex, now, refresh_seconds
@@ -192,7 +199,7 @@ class JobLock:
         while (holder := self._take()) is not None:
             if not wait:
                 raise JobLocked(
-                    f"{self.label} is being rendered by {holder.describe()} (farm render --wait waits for it)", holder
+                    f"{self.label} is being rendered by {holder.describe()} ({self.retry} waits for it)", holder
                 )
             if notify is not None and (told is None or time.monotonic() - told >= WAIT_NOTICE_SECONDS):
                 notify(f"waiting: {self.label} is being rendered by {holder.describe()}")
@@ -242,7 +249,12 @@ class JobLock:
 
     def _keep(self) -> None:
         while not self._stop.wait(self.me.refresh_seconds):
-            if not self.refresh():
+            try:
+                if not self.refresh():
+                    return
+            except Exception as exc:  # noqa: BLE001 - not an OSError: the lease ends, and says why (check raises it)
+                why = f"{type(exc).__name__}: {exc}"
+                self.lost = f"{self.label}: its lease could not be renewed ({why}); stopped, rerun to finish"
                 return
 
     def _take(self) -> Holder | None:
@@ -259,7 +271,10 @@ class JobLock:
         return self._read(self.path) or Holder.unknown(time.time())
 
     def _create(self) -> bool:
-        """Create the lock file naming us, only if there is none; True if we did."""
+        """Create the lock file naming us, only if there is none; True if we did. The lease
+        starts now, not when this JobLock was made (a --wait may have waited long past a lease)."""
+        now = time.time()
+        self.me = replace(self.me, started=now, refreshed=now)
         data = self.me.to_bytes()
         self.filesystem.create_dir(self.base, recursive=True)
         if self.local:

@@ -111,13 +111,25 @@ def is_fatal(exc: BaseException) -> bool:
     return False
 
 
+def run_stopping_write(exc: BaseException) -> OSError | None:
+    """The write error a FatalRenderError carries when every batch's writes would fail alike (a
+    full disk), else None. Ray's error delegates to its cause, so the cause chain is walked."""
+    while exc is not None:
+        if isinstance(exc, FatalRenderError) and getattr(exc, "write_error", None) is not None:
+            return exc.write_error
+        cause = getattr(exc, "cause", None)
+        exc = cause if cause is not exc else None
+    return None
+
+
 @dataclass(frozen=True)
 class Reply(Generic[Ticket]):
     """What came back for one batch: its rows, or why there are none.
 
     ``lost`` is set when the actor died or is restarting (not the batch's fault); ``error``
-    when the render raised, and ``fatal`` when that error says a retry cannot help. The ticket
-    is whatever the driver handed in with the batch.
+    when the render raised, and ``fatal`` when that error says a retry cannot help; ``stop`` is
+    the write error when no other batch could be written either (a full disk). The ticket is
+    whatever the driver handed in with the batch.
     """
 
     ticket: Ticket
@@ -125,6 +137,7 @@ class Reply(Generic[Ticket]):
     lost: BaseException | None = None
     error: BaseException | None = None
     fatal: bool = False
+    stop: OSError | None = None
 
 
 class ActorPool(Generic[Ticket]):
@@ -211,7 +224,7 @@ class ActorPool(Generic[Ticket]):
                 self.rest(index)
                 replies.append(Reply(ticket, lost=exc))
             except RayError as exc:  # the render raised
-                replies.append(Reply(ticket, error=exc, fatal=is_fatal(exc)))
+                replies.append(Reply(ticket, error=exc, fatal=is_fatal(exc), stop=run_stopping_write(exc)))
         return replies
 
     def rest(self, index: int) -> None:

@@ -11,6 +11,10 @@ batches and bytes are a render's. A missing image needs nothing more: a render s
 tasks whose image is there (``manifest.done_task_ids``). An altered image (or a captured frame
 missing or altered) gets a ``failed`` row first, so its task's latest row is not ok and the
 render takes it; the render's new rows then supersede those (``manifest.LATEST``).
+
+A repair holds the job folder's lock (farm.lock) from before its check until the render ends:
+a render under way (its rows not yet written) is never judged by its half-written state, nor
+has its new images marked failed. The render takes the held lock over rather than taking it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from farm import layout, manifest, storage
 from farm.errors import FarmError
 from farm.images import sha256_bytes
 from farm.layout import JOB_FILE, MANIFEST_DIR, QUARANTINE_DIR
+from farm.lock import JobLock
 
 if TYPE_CHECKING:
     from farm.sink import Summary
@@ -91,6 +96,7 @@ class Repair:
     batch_size: int | None = None
     allow_pickle: bool = False
     progress: bool = True
+    wait: bool = False  # another run holds the job folder: wait for it rather than refuse
 
 
 def check_files(job_root: str, quarantined: list[str] | None = None) -> Check:
@@ -130,10 +136,11 @@ def quarantine_parts(job_root: str) -> list[str]:
     return lines
 
 
-def repair_job(job_root: str, check: Check, repair: Repair) -> Summary:
+def repair_job(job_root: str, check: Check, repair: Repair, lock: JobLock) -> Summary:
     """Render the tasks of ``check``'s problems again: ``farm render`` of the folder's job.yaml
     into the same output root (which also renders any task not done: an interrupted run's, a
-    failed one's, one whose rows were quarantined). Returns the render's ``Summary``."""
+    failed one's, one whose rows were quarantined). ``lock`` is the job folder's, held by the
+    caller since before ``check`` was made; the render runs under it. Returns the render's ``Summary``."""
     from farm.driver import RenderOptions, run_job
     from farm.spec import parse_job
 
@@ -160,10 +167,9 @@ def repair_job(job_root: str, check: Check, repair: Repair) -> Summary:
             f"{len(strangers)} of the {len(bad)} tasks to repair are not tasks of {root}/{JOB_FILE} now "
             f"(a relative path that finds another file, a changed model?); render the job's spec with --out {out}"
         )
-    rows = manifest.read_manifest(root).to_pylist()
-    images = {r["task_id"]: r for r in rows if r["capture"] is None}
-    _mark_failed(root, check, images)
-    batch_size = repair.batch_size or max((r["batch_size"] or 1 for r in images.values()), default=1)
+    lock.check()
+    _mark_failed(root, check)
+    batch_size = repair.batch_size or _largest_batch(root)
     options = RenderOptions(
         out=out,
         address=repair.address,
@@ -171,14 +177,32 @@ def repair_job(job_root: str, check: Check, repair: Repair) -> Summary:
         batch_size=batch_size,
         allow_pickle=repair.allow_pickle,
         progress=repair.progress,
+        wait=repair.wait,
     )
-    return run_job(spec, options)
+    return run_job(spec, options, lock=lock)
 
 
-def _mark_failed(root: str, check: Check, images: dict[str, dict[str, Any]]) -> None:
+def _largest_batch(root: str) -> int:
+    """The largest batch_size the image rows record (1 if none does)."""
+    table = manifest.query(root, f"SELECT max(batch_size) AS n FROM {manifest.TABLE_NAME} WHERE {manifest.IMAGES}")
+    return max(table.column("n")[0].as_py() or 1, 1)
+
+
+def _image_rows(root: str, task_ids: set[str]) -> dict[str, dict[str, Any]]:
+    """The latest image row (every column) of each of ``task_ids``: those rows only are read
+    into Python, not the manifest's."""
+    if not task_ids:
+        return {}
+    ids = ", ".join("'" + task_id.replace("'", "''") + "'" for task_id in sorted(task_ids))
+    sql = f"SELECT * FROM {manifest.TABLE_NAME} WHERE {manifest.IMAGES} AND task_id IN ({ids})"
+    return {r["task_id"]: r for r in manifest.query(root, sql).to_pylist()}
+
+
+def _mark_failed(root: str, check: Check) -> None:
     """A failed row for each task whose image is there but altered, or whose frame is bad, so
     its latest row is not ok and the render takes it (a missing image needs none)."""
     missing = {p.task_id for p in check.problems if p.capture is None and p.actual is None}
+    images = _image_rows(root, {p.task_id for p in check.problems} - missing)
     now = datetime.now(timezone.utc)
     failed = {}
     for problem in check.problems:
@@ -191,10 +215,36 @@ def _mark_failed(root: str, check: Check, images: dict[str, dict[str, Any]]) -> 
         manifest.write_part(root, list(failed.values()))
 
 
-def verify(job_root: str, echo: Callable[[str], None], quarantine: bool = False, repair: Repair | None = None) -> bool:
+def verify(
+    job_root: str,
+    echo: Callable[[str], None],
+    quarantine: bool = False,
+    repair: Repair | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> bool:
     """``farm verify``: set unreadable parts aside (``quarantine``), check every ok row's file,
     echo a line per problem and a summary; with ``repair``, render the bad tasks again and check
-    once more. True when all is well at the end."""
+    once more. True when all is well at the end.
+
+    A repair first takes the job folder's lock, as ``farm render`` does: a live holder is refused
+    (JobLocked), or with ``repair.wait`` waited for (``notify``, default ``echo``, hears about it).
+    """
+    if repair is None:
+        return _verify(job_root, echo, quarantine, None, None)
+    manifest.open_job(job_root)  # not a job folder: refused before the lock would create one
+    root = storage.normalise_root(job_root)
+    out, name = root.rstrip("/").rsplit("/", 1)
+    lock = JobLock(root, storage.join(out, name), retry="farm verify --repair --wait")
+    lock.acquire(repair.wait, notify or echo)
+    try:
+        return _verify(job_root, echo, quarantine, repair, lock)
+    finally:
+        lock.release()
+
+
+def _verify(
+    job_root: str, echo: Callable[[str], None], quarantine: bool, repair: Repair | None, lock: JobLock | None
+) -> bool:
     moved = quarantine_parts(job_root) if quarantine else []
     for line in moved:
         echo(line)
@@ -202,9 +252,9 @@ def verify(job_root: str, echo: Callable[[str], None], quarantine: bool = False,
     for problem in check.problems:
         echo(problem.line())
     echo(check.summary())
-    if repair is None or check.ok:
+    if repair is None or lock is None or check.ok:
         return check.ok
-    summary = repair_job(job_root, check, repair)
+    summary = repair_job(job_root, check, repair, lock)
     echo(f"repair: rendered {summary.rendered}, skipped {summary.skipped}, failed {summary.failed} of {summary.total}")
     for message in summary.errors[:3]:
         echo(f"  failed: {message}")

@@ -199,3 +199,64 @@ def test_a_summary_that_cannot_be_written_after_rendering_is_exit_1(tmp_path: Pa
         f"No space left on device writing {tmp_path}/d/summary.json; the images and their rows are saved"
     )
     assert leftovers(tmp_path) == []
+
+
+def write_fails_from_the_second_batch(root: Path, code: int) -> FakeActor:
+    """An actor whose PNG writes fail with ``code`` from its 2nd batch on, the error coming back
+    as Ray returns it: the FatalRenderError pickled across, inside Ray's error."""
+    import pickle
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    from farm.errors import FatalRenderError
+
+    def fate(batch: Batch) -> None:
+        if len(actor.batches) < 2:
+            return
+        path = f"{root}/images/{batch.tasks[0].task_id}.png"
+        cause = storage.WriteFailed(code, storage.reason(OSError(code, "")), path)
+        try:
+            raise FatalRenderError(str(cause), write_error=cause) from cause
+        except FatalRenderError as exc:
+            crossed = pickle.loads(pickle.dumps(exc))
+            error = RayTaskError("render", traceback.format_exc(), crossed, proctitle="ray::BatchRenderer", ip="::1")
+            raise error.as_instanceof_cause() from None
+
+    actor = FakeActor(fate=fate)
+    return actor
+
+
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [
+        (errno.ENOSPC, "disk full"),
+        (errno.EDQUOT, "disk full"),
+        (errno.EROFS, "Read-only file system"),
+        (errno.EACCES, "Permission denied"),
+    ],
+)
+def test_an_image_the_disk_cannot_take_stops_new_work_and_ends_the_run_with_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, why: str
+):
+    """The manifest's small write would still succeed: the PNG's error alone stops the run."""
+    from farm.pool import IN_FLIGHT_PER_ACTOR
+    from farm.sink import RowsNotWritten
+
+    monkeypatch.setitem(sys.modules, "ray", fake_ray())
+    root = tmp_path / "d"
+    actor = write_fails_from_the_second_batch(root, code)
+    with pytest.raises(RowsNotWritten) as failed:
+        run(actor, root)
+    # Only the batches already in flight when the 2nd failed were rendered; none went out after.
+    assert len(actor.batches) == 3 <= 2 + IN_FLIGHT_PER_ACTOR
+    assert failed.value.exit_code == 1
+    second = [t.task_id for t in parse_job(JOB).tasks()][1]
+    assert str(failed.value) == f"{why} writing {root}/images/{second}.png; 1 images are safe, rerun to finish"
+    rows = read_manifest(str(root), superseded=True).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "failed", "failed"]  # the ok batch's row is kept
+
+    # Space again: the rerun renders the failed and the unsent batches, not the one done
+    summary = run(FakeActor(), root, done={rows[0]["task_id"]})
+    assert (summary.rendered, summary.failed) == (5, 0)
+    assert outcome(root) == {"tasks": 6, "ok_rows": 6, "duplicates": 0, "lost": 0}

@@ -202,3 +202,46 @@ def test_of_many_runs_starting_at_once_exactly_one_takes_the_lock(tmp_path: Path
         won[0].release()
         # No lock and no leftovers: only the take-over's guard, made because a lock was taken over
         assert sorted(p.name for p in root.iterdir()) == [".lock.json.takeover"]
+
+
+def test_a_lease_starts_when_the_lock_is_taken_not_when_the_joblock_was_made(tmp_path: Path, monkeypatch):
+    """After a --wait longer than a lease, the lock written names a fresh lease: another host's
+    run does not take it over at once."""
+    from farm import lock as lock_module
+    from farm.lock import JobLock, JobLocked
+
+    root = tmp_path / "job"
+    lock = JobLock(str(root), "out/job")
+    later = time.time() + 600  # ten minutes waited
+    monkeypatch.setattr(lock_module.time, "time", lambda: later)
+    lock.acquire()
+    try:
+        record = json.loads((root / LOCK).read_text())
+        assert record["refreshed"] == later and record["started"] == later
+        monkeypatch.setattr(lock_module.socket, "gethostname", lambda: "render-node-7")  # another host's run
+        with pytest.raises(JobLocked, match="is being rendered by pid"):
+            JobLock(str(root), "out/job").acquire()
+        assert json.loads((root / LOCK).read_text())["token"] == record["token"]  # not taken over
+    finally:
+        lock.release()
+
+
+def test_a_refresher_that_fails_ends_the_lease_visibly(tmp_path: Path, monkeypatch):
+    """Not an OSError (a bug, a library's own error): the lease ends and check says why, rather
+    than the thread dying silently and the lease expiring unnoticed."""
+    from farm.lock import JobLock, LockLost
+
+    root = tmp_path / "job"
+    lock = JobLock(str(root), "out/job", refresh_seconds=0.05)
+    lock.acquire()
+    try:
+
+        def broken() -> bool:
+            raise ValueError("a bad lock record")
+
+        monkeypatch.setattr(lock, "refresh", broken)
+        time.sleep(0.3)
+        with pytest.raises(LockLost, match=r"its lease could not be renewed \(ValueError: a bad lock record\)"):
+            lock.check()
+    finally:
+        lock.release()

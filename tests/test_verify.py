@@ -7,7 +7,12 @@ render through Ray."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +123,9 @@ def test_repair_marks_altered_tasks_failed_then_renders_the_folders_job(tmp_path
     next((root / "frames").rglob("*.png")).unlink()  # rows[0]'s frame: its image is fine
     calls = []
 
-    def fake_run_job(spec, options, notify=None):
+    def fake_run_job(spec, options, notify=None, lock=None):
+        assert lock is not None and lock.held  # verify's, taken before its check: the render runs under it
+        lock.check()
         latest = {r["task_id"]: r for r in read_manifest(str(root)).to_pylist() if r["capture"] is None}
         calls.append((spec.name, options.out, options.batch_size, dict(latest)))
         done = manifest.done_task_ids(str(root))
@@ -149,6 +156,64 @@ def test_repair_marks_altered_tasks_failed_then_renders_the_folders_job(tmp_path
     assert "repair: rendered 3, skipped 3, failed 0 of 6" in lines
     assert lines[-1] == f"{root}: 7 files checked, all as their rows say"
     assert invoke("verify", str(root)).exit_code == 0
+
+
+def write_live_lock(root: Path, pid: int) -> None:
+    """The lock of a render under way on this host (as tests/test_lock.py's write_lock)."""
+    now = time.time()
+    record = {"host": socket.gethostname(), "pid": pid, "started": now - 60, "command": "farm render check.yaml"}
+    record |= {"token": f"other-{pid}", "refreshed": now, "refresh_seconds": 15.0}
+    (root / "lock.json").write_text(json.dumps(record))
+
+
+def test_repair_of_a_folder_a_render_holds_exits_2_and_writes_nothing(tmp_path: Path, monkeypatch):
+    """The render may have just rendered the image again, its rows not yet written: verify must
+    neither judge it nor mark it failed while that render holds the folder."""
+    from farm import driver
+
+    root, rows = make_job(tmp_path)
+    (root / rows[4]["image_path"]).write_bytes(b"altered")  # or re-rendered, its row still buffered
+    write_live_lock(root, os.getpid())  # a live run: this very process
+    lock = (root / "lock.json").read_text()
+    parts = sorted((root / "manifest").iterdir())
+    monkeypatch.setattr(driver, "run_job", lambda *a, **k: pytest.fail("rendered without the lock"))
+    result = invoke("verify", str(root), "--repair")
+    expected = f"error: {root} is being rendered by pid {os.getpid()} on host {socket.gethostname()} since "
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and result.stderr.startswith(expected), result.output
+    assert result.stderr.rstrip().endswith("(farm verify --repair --wait waits for it)"), result.stderr
+    assert sorted((root / "manifest").iterdir()) == parts  # no failed row was written
+    assert (root / "lock.json").read_text() == lock  # and the holder's lock left alone
+
+
+def test_repair_wait_waits_for_the_render_then_repairs(tmp_path: Path, monkeypatch):
+    from farm import driver, lock
+    from farm.sink import Summary
+
+    monkeypatch.setattr(lock, "POLL_SECONDS", 0.05)
+    root, rows = make_job(tmp_path)
+    (root / rows[1]["image_path"]).unlink()
+    held = []
+
+    def fake_run_job(spec, options, notify=None, lock=None):
+        held.append(json.loads((root / "lock.json").read_text())["pid"])
+        task = next(t for t in spec.tasks() if t.task_id == rows[1]["task_id"])
+        write_png(root, rows[1]["image_path"], task, 10 * task.seed)  # the bytes its row records
+        return Summary(job_root=str(root), total=6, rendered=1, skipped=5)
+
+    monkeypatch.setattr(driver, "run_job", fake_run_job)
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        write_live_lock(root, holder.pid)
+        threading.Timer(0.5, lambda: (root / "lock.json").unlink()).start()  # the render ends
+        result = invoke("verify", str(root), "--repair", "--wait")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith(f"waiting: {root} is being rendered by pid {holder.pid} "), result.stderr
+    assert held == [os.getpid()]  # the render ran under verify's lock
+    assert not (root / "lock.json").exists()  # released after
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Errors a retry cannot cure are not retried: an output that cannot be written is refused before
-Ray starts; an images folder that stops taking writes fails each batch after one attempt, the
-message naming the file (not its hidden temporary name); a model that cannot load fails its batch
-at once.
+Ray starts; an images folder that stops taking writes fails the batches in flight after one
+attempt each, the message naming the file (not its hidden temporary name), and stops the run; a
+model that cannot load fails its batch at once.
 
 No Ray: the real BatchRenderer (tiny model) behind the fake Ray of test_dispatch.py. Tests run
 as root, which ignores permission bits, so an unwritable folder is a path under a regular file
@@ -103,9 +103,11 @@ def renderer(tiny_path: Path, tmp_path: Path):
         torch.set_num_threads(threads)
 
 
-def test_an_images_folder_that_stops_taking_writes_fails_each_batch_after_one_attempt(
+def test_an_images_folder_that_stops_taking_writes_fails_its_batches_once_and_stops_new_work(
     renderer: BatchRenderer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    from farm.sink import RowsNotWritten
+
     monkeypatch.setitem(sys.modules, "ray", fake_ray())
     root = tmp_path / "w"
     renderer.filesystem = ReadOnly(root / "images")  # it took the probe; now it refuses writes
@@ -113,14 +115,18 @@ def test_an_images_folder_that_stops_taking_writes_fails_each_batch_after_one_at
     spec = parse_job(JOB)
     summary = Summary(job_root=str(root))
     options = RenderOptions(progress=False, retries=2, flush_seconds=0)
-    dispatch(spec, str(root), [actor], WorkQueue(cut_batches(spec.tasks(), 2)), set(), 4, options, summary)
+    with pytest.raises(RowsNotWritten) as failed:
+        dispatch(spec, str(root), [actor], WorkQueue(cut_batches(spec.tasks(), 1)), set(), 4, options, summary)
 
-    assert len(actor.batches) == 2  # one attempt per batch, no retries
-    rows = read_manifest(str(root)).to_pylist()
-    assert [r["status"] for r in rows] == ["failed"] * 4
+    assert len(actor.batches) == 2  # the two in flight, once each: no retries, no new work
     first = [t.task_id for t in spec.tasks()][0]
+    why = f"Permission denied writing {root}/images/{first}.png; 0 images are safe, rerun to finish"
+    assert str(failed.value) == why
+    assert failed.value.exit_code == 1
+    rows = read_manifest(str(root)).to_pylist()
+    assert [r["status"] for r in rows] == ["failed"] * 2
     assert rows[0]["error"] == f"cannot write {root}/images/{first}.png: Permission denied"  # the file, not a .tmp
-    assert (summary.rendered, summary.failed) == (0, 4)
+    assert (summary.rendered, summary.failed) == (0, 2)
     assert not (root / "images").exists() or list((root / "images").iterdir()) == []
 
 
