@@ -169,12 +169,13 @@ def repair_job(job_root: str, check: Check, repair: Repair, lock: JobLock) -> Su
         )
     lock.check()
     _mark_failed(root, check)
-    batch_size = repair.batch_size or _largest_batch(root)
+    largest, dtype = _recorded_render(root)
     options = RenderOptions(
         out=out,
         address=repair.address,
         actors=repair.actors,
-        batch_size=batch_size,
+        batch_size=repair.batch_size or largest,
+        dtype=dtype,
         allow_pickle=repair.allow_pickle,
         progress=repair.progress,
         wait=repair.wait,
@@ -182,10 +183,16 @@ def repair_job(job_root: str, check: Check, repair: Repair, lock: JobLock) -> Su
     return run_job(spec, options, lock=lock)
 
 
-def _largest_batch(root: str) -> int:
-    """The largest batch_size the image rows record (1 if none does)."""
-    table = manifest.query(root, f"SELECT max(batch_size) AS n FROM {manifest.TABLE_NAME} WHERE {manifest.IMAGES}")
-    return max(table.column("n")[0].as_py() or 1, 1)
+def _recorded_render(root: str) -> tuple[int, str]:
+    """The largest batch_size the image rows record (1 if none does) and the dtype most of the ok
+    images were rendered in ("auto" if none records one): a repair renders as the job did, since
+    float16 on a GPU would draw other bytes than the float32 the job asked for."""
+    sql = (
+        f"SELECT (SELECT max(batch_size) FROM {manifest.TABLE_NAME} WHERE {manifest.IMAGES}) AS n, "
+        f"(SELECT mode(dtype) FROM {manifest.TABLE_NAME} WHERE {manifest.OK_IMAGES}) AS dtype"
+    )
+    row = manifest.query(root, sql).to_pylist()[0]
+    return max(row["n"] or 1, 1), row["dtype"] or "auto"
 
 
 def _image_rows(root: str, task_ids: set[str]) -> dict[str, dict[str, Any]]:

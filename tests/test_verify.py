@@ -51,7 +51,7 @@ def make_job(tmp_path: Path) -> tuple[Path, list[dict]]:
     for batch in (Batch.of(tasks[:3]), Batch.of(tasks[3:])):
         part = []
         for index, task in enumerate(batch.tasks):
-            row = base_row("check", task, batch, index) | {"status": "ok", "seconds": 0.1}
+            row = base_row("check", task, batch, index) | {"status": "ok", "seconds": 0.1, "dtype": "float32"}
             row["image_sha256"] = write_png(root, row["image_path"], task, 10 * task.seed)
             part.append(row)
             if task is tasks[0]:
@@ -127,7 +127,7 @@ def test_repair_marks_altered_tasks_failed_then_renders_the_folders_job(tmp_path
         assert lock is not None and lock.held  # verify's, taken before its check: the render runs under it
         lock.check()
         latest = {r["task_id"]: r for r in read_manifest(str(root)).to_pylist() if r["capture"] is None}
-        calls.append((spec.name, options.out, options.batch_size, dict(latest)))
+        calls.append((spec.name, options.out, options.batch_size, dict(latest), options.dtype))
         done = manifest.done_task_ids(str(root))
         redo = [t for t in spec.tasks() if t.task_id not in done]
         new = []
@@ -145,8 +145,9 @@ def test_repair_marks_altered_tasks_failed_then_renders_the_folders_job(tmp_path
     monkeypatch.setattr(driver, "run_job", fake_run_job)
     result = invoke("verify", str(root), "--repair")
     assert result.exit_code == 0, result.output
-    ((name, out, batch_size, latest),) = calls
+    ((name, out, batch_size, latest, dtype),) = calls
     assert (name, out, batch_size) == ("check", str(root.parent), 3)  # the largest batch recorded
+    assert dtype == "float32"  # as the job rendered, not auto (float16 on a GPU)
     altered = latest[rows[4]["task_id"]]
     assert (altered["status"], altered["error"], altered["image_sha256"]) == ("failed", ALTERED, None)
     assert altered["task_json"] == rows[4]["task_json"] and altered["batch_id"] == rows[4]["batch_id"]  # a recipe
