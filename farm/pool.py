@@ -100,23 +100,12 @@ def error_message(exc: BaseException) -> str:
     return text.splitlines()[-1] if text else type(exc).__name__
 
 
-def is_fatal(exc: BaseException) -> bool:
-    """Whether a render's error says a retry cannot help (the actor raised a FatalRenderError):
-    Ray's error is an instance of its cause's class, and carries the cause too."""
+def fatal_cause(exc: BaseException) -> FatalRenderError | None:
+    """The FatalRenderError behind a render's error (a retry cannot help), or None. Ray's error is
+    an instance of its cause's class and carries the cause too, so the cause chain is walked."""
     while exc is not None:
         if isinstance(exc, FatalRenderError):
-            return True
-        cause = getattr(exc, "cause", None)
-        exc = cause if cause is not exc else None
-    return False
-
-
-def run_stopping_write(exc: BaseException) -> OSError | None:
-    """The write error a FatalRenderError carries when every batch's writes would fail alike (a
-    full disk), else None. Ray's error delegates to its cause, so the cause chain is walked."""
-    while exc is not None:
-        if isinstance(exc, FatalRenderError) and getattr(exc, "write_error", None) is not None:
-            return exc.write_error
+            return exc
         cause = getattr(exc, "cause", None)
         exc = cause if cause is not exc else None
     return None
@@ -224,7 +213,10 @@ class ActorPool(Generic[Ticket]):
                 self.rest(index)
                 replies.append(Reply(ticket, lost=exc))
             except RayError as exc:  # the render raised
-                replies.append(Reply(ticket, error=exc, fatal=is_fatal(exc), stop=run_stopping_write(exc)))
+                fatal = fatal_cause(exc)
+                # stop: the write error a fatal one carries when no batch's writes could succeed (a full disk)
+                stop = getattr(fatal, "write_error", None)
+                replies.append(Reply(ticket, error=exc, fatal=fatal is not None, stop=stop))
         return replies
 
     def rest(self, index: int) -> None:
