@@ -74,6 +74,19 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def saved_on_interrupt() -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a render (farm render, farm verify --repair): the finished batches
+    are saved, so one line says how to resume, and the exit code is the shell's (130 or 143)."""
+    try:
+        with sigterm_as_interrupt():
+            yield
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        click.echo(f"\n{how}: finished batches are saved; run the same command again to resume", err=True)
+        sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
+
+
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "-o", default="out", show_default=True, help="Output root (a path or a pyarrow.fs URI).")
@@ -161,13 +174,8 @@ def render(
         progress=not no_progress,
         wait=wait,
     )
-    try:
-        with sigterm_as_interrupt(), io_errors(f"--out {out}"):  # an output folder that cannot be written
-            summary = run_job(spec, options, notify=lambda message: click.echo(message, err=True))
-    except KeyboardInterrupt as exc:
-        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        click.echo(f"\n{how}: finished batches are saved; run the same command again to resume", err=True)
-        sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
+    with saved_on_interrupt(), io_errors(f"--out {out}"):  # an output folder that cannot be written
+        summary = run_job(spec, options, notify=lambda message: click.echo(message, err=True))
     click.echo(
         f"{spec.name}: rendered {summary.rendered}, skipped {summary.skipped}, failed {summary.failed} "
         f"of {summary.total} in {summary.elapsed:.1f}s ({summary.images_per_second:.2f} images/s)"
@@ -480,7 +488,7 @@ def verify(
     from farm.verify import verify as verify_job
 
     how = Repair(address, actors, batch_size, allow_pickle, not no_progress, wait) if repair else None
-    with io_errors(job_dir):
+    with saved_on_interrupt(), io_errors(job_dir):
         ok = verify_job(
             job_dir, click.echo, quarantine=quarantine, repair=how, notify=lambda message: click.echo(message, err=True)
         )

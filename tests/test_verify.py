@@ -167,6 +167,30 @@ def write_live_lock(root: Path, pid: int) -> None:
     (root / "lock.json").write_text(json.dumps(record))
 
 
+@pytest.mark.parametrize(
+    ("interrupt", "code", "how"), [("KeyboardInterrupt", 130, "interrupted"), ("Terminated", 143, "terminated")]
+)
+def test_repair_interrupted_says_how_to_resume_like_a_render(tmp_path: Path, monkeypatch, interrupt, code, how):
+    """Ctrl-C or SIGTERM during --repair's render: one line, the shell's exit code, the lock released."""
+    from farm import driver, errors
+
+    root, rows = make_job(tmp_path)
+    (root / rows[1]["image_path"]).unlink()
+
+    def interrupted_run_job(spec, options, notify=None, lock=None):
+        raise getattr(errors, interrupt, KeyboardInterrupt)()
+
+    monkeypatch.setattr(driver, "run_job", interrupted_run_job)
+    result = invoke("verify", str(root), "--repair")
+    assert result.exit_code == code, result.output
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"{how}: finished batches are saved; run the same command again to resume"
+    )
+    assert "Traceback" not in result.output
+    assert not (root / "lock.json").exists()
+
+
 def test_repair_of_a_folder_a_render_holds_exits_2_and_writes_nothing(tmp_path: Path, monkeypatch):
     """The render may have just rendered the image again, its rows not yet written: verify must
     neither judge it nor mark it failed while that render holds the folder."""
