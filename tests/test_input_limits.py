@@ -170,17 +170,22 @@ def test_job_with_an_init_image_over_the_limit_exits_2_in_one_line(
     assert not out.exists()
 
 
+def dry_run_animation(tmp_path: Path, source: str):
+    """`farm render --dry-run` of an animate job over ``source`` (relative to tmp_path)."""
+    job = tmp_path / "anim.yaml"
+    job.write_text(
+        "name: anim\nkind: animate\ndefaults: {steps: 4, width: 64, height: 64, prompt: a cat}\n"
+        f"animate: {{source: {source}}}\n"
+    )
+    return CliRunner().invoke(main, ["render", str(job), "--dry-run", "--out", str(tmp_path / "out")])
+
+
 def test_image_folder_source_with_a_frame_over_the_limit_exits_2(tmp_path: Path, bomb: Path, no_decoding: None):
     frames = tmp_path / "frames"
     frames.mkdir()
     (frames / "0001.png").write_bytes(bomb_png(64, 64))
     (frames / "0002.png").write_bytes(bomb.read_bytes())
-    job = tmp_path / "anim.yaml"
-    job.write_text(
-        "name: anim\nkind: animate\ndefaults: {steps: 4, width: 64, height: 64, prompt: a cat}\n"
-        "animate: {source: frames}\n"
-    )
-    result = CliRunner().invoke(main, ["render", str(job), "--dry-run", "--out", str(tmp_path / "out")])
+    result = dry_run_animation(tmp_path, "frames")
     assert result.exit_code == 2, result.output
     assert result.output.splitlines() == [f"error: animate.source: {frames / '0002.png'}: {OVER}"]
 
@@ -199,12 +204,7 @@ def test_video_source_over_the_limit_exits_2_before_decoding_a_frame(tmp_path: P
         raise AssertionError("probe_video decoded the frames of a video over the limit")
 
     monkeypatch.setattr(farm.video, "probe_video", probe)
-    job = tmp_path / "anim.yaml"
-    job.write_text(
-        "name: anim\nkind: animate\ndefaults: {steps: 4, width: 64, height: 64, prompt: a cat}\n"
-        "animate: {source: clip.mp4}\n"
-    )
-    result = CliRunner().invoke(main, ["render", str(job), "--dry-run", "--out", str(tmp_path / "out")])
+    result = dry_run_animation(tmp_path, "clip.mp4")
     assert result.exit_code == 2, result.output
     expected = (
         f"error: animate.source: clip.mp4: {SIZE}x{SIZE} pixels is over farm's limit of 1,024 (32x32); resize it first"
