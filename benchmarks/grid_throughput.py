@@ -92,7 +92,7 @@ def load_plain_pipeline() -> Any:
     from diffusers import StableDiffusionPipeline
 
     from farm.models import ensure_tiny
-    from farm.render import build_scheduler
+    from farm.samplers import build_scheduler
 
     pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny(), safety_checker=None, local_files_only=True)
     pipe.scheduler = build_scheduler(SCHEDULER, dict(pipe.scheduler.config))

@@ -7,7 +7,6 @@ values: init images as pixels, textual-inversion files as vectors (``farm.embedd
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from farm.losses import LossFunction, load_loss, per_image
 from farm.models import Components
 from farm.noise import make_generator, slerp, task_noise
+from farm.samplers import build_scheduler, current_sigma, is_sigma_scheduler, scheduler_config, step_kwargs, step_marks
 from farm.spec import BATCH_FIELDS, GuidanceLoss, RenderTask
 from farm.text import LoadedEmbedding, PromptEncoder, PromptError, pad_chunks
 
@@ -28,36 +28,6 @@ VAE_DECODE_CHUNK = 4
 # Prompt encoders kept per model (one per set of textual-inversion files and long-prompt mode);
 # each holds up to text.CACHE_SIZE encoded prompts.
 ENCODERS_KEPT = 8
-
-# spec.SCHEDULERS name -> (diffusers class name, config overrides).
-SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-}
-
-
-def build_scheduler(name: str, base_config: dict[str, Any]) -> Any:
-    """A fresh scheduler of the named kind, from the model's own scheduler config."""
-    import diffusers
-
-    class_name, overrides = SCHEDULER_CLASSES[name]
-    cls = getattr(diffusers, class_name)
-    config = {**base_config, **overrides}
-    if "_use_default_values" in config:  # diffusers would put its defaults back over our overrides
-        config["_use_default_values"] = [k for k in config["_use_default_values"] if k not in overrides]
-    return cls.from_config(config)
-
-
-def scheduler_config(scheduler: Any) -> dict[str, Any]:
-    """The config that rebuilds this scheduler exactly, as plain JSON values."""
-    return {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")} | {
-        "_class_name": type(scheduler).__name__
-    }
 
 
 class TaskInputError(ValueError):
@@ -174,12 +144,6 @@ def resolve_loss(loss: GuidanceLoss | None, count: int) -> tuple[GuidanceLoss, L
         raise TaskInputError(dict.fromkeys(range(count), str(exc))) from exc
 
 
-def step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
-    """Extra ``scheduler.step`` arguments: per-image generators for schedulers that draw noise."""
-    params = inspect.signature(scheduler.step).parameters
-    return {"generator": generators} if "generator" in params else {}
-
-
 def prepare_timesteps(scheduler: Any, steps: int, start_step: int, device: str) -> torch.Tensor:
     """The timesteps to run: all of them, or from ``start_step`` on for img2img (as diffusers does)."""
     scheduler.set_timesteps(steps, device=device)
@@ -241,17 +205,6 @@ def prepare_latents(
             encoded = scheduler.add_noise(encoded, noise.index_select(0, index), t)
         latents = latents.index_copy(0, index, encoded.to(dtype))
     return latents
-
-
-def is_sigma_scheduler(scheduler: Any) -> bool:
-    """k-diffusion-style samplers keep latents as x0 + sigma * noise (their initial sigma is > 1)."""
-    return float(scheduler.init_noise_sigma) > 1.0
-
-
-def current_sigma(scheduler: Any) -> float:
-    """The noise level of the latents the next ``step`` call receives (sigma samplers)."""
-    index = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
-    return float(scheduler.sigmas[min(index, len(scheduler.sigmas) - 1)])
 
 
 def predicted_x0(scheduler: Any, latents: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -357,22 +310,6 @@ def denoise(
     return latents, captured
 
 
-def step_marks(scheduler: Any, timesteps: torch.Tensor) -> tuple[list[bool], list[bool]]:
-    """Which loop iterations start a sampler step, and which complete one.
-
-    Most samplers call the UNet once per step. Heun calls it twice (2N - 1 calls for N
-    steps; the last step is a plain Euler step). PNDM (PLMS) makes its first step of two
-    calls: the second corrects the first from the same starting sample, and ignores the
-    sample it is given. Captures and guidance losses count sampler steps, not UNet calls.
-    """
-    n = len(timesteps)
-    if scheduler.order == 2:
-        return [i % 2 == 0 for i in range(n)], [i % 2 == 1 or i == n - 1 for i in range(n)]
-    if type(scheduler).__name__ == "PNDMScheduler" and n > 1:
-        return [i != 1 for i in range(n)], [i != 0 for i in range(n)]
-    return [True] * n, [True] * n
-
-
 def viewable(scheduler: Any, latents: torch.Tensor) -> torch.Tensor:
     """Latents as the UNet sees them (sigma samplers scale them to unit variance), on the CPU."""
     if is_sigma_scheduler(scheduler):
@@ -437,7 +374,7 @@ def render_batch(
     cond = encode_conditioning(components, tasks, embeddings)
 
     # 3. Prepare timesteps (img2img starts part way)
-    scheduler = build_scheduler(first.scheduler, components.scheduler_config)
+    scheduler = build_scheduler(first.scheduler, components.scheduler_config, first.schedule_type)
     timesteps = prepare_timesteps(scheduler, first.steps, first.start_step, components.device)
 
     # 4. Prepare latents: each image's own CPU-generator noise, variations, init images

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from farm import render
+from farm import render, samplers
 from farm.noise import initial_noise, make_generator
 from farm.spec import SCHEDULERS, RenderTask
 
@@ -21,7 +21,7 @@ def task(prompt: str = "a cute shiba inu", seed: int = 1, scheduler: str = "eule
 
 
 def test_every_spec_scheduler_has_a_class():
-    assert set(render.SCHEDULER_CLASSES) == set(SCHEDULERS)
+    assert set(samplers.SCHEDULER_CLASSES) == set(SCHEDULERS)
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
@@ -32,7 +32,7 @@ def test_each_scheduler_renders_and_repeats_exactly(tiny_components, name):
     again = render.render_batch(tiny_components, tasks).images
     assert first.shape == (2, 64, 64, 3) and first.dtype == np.uint8
     assert np.array_equal(first, again)
-    assert config["_class_name"] == render.SCHEDULER_CLASSES[name][0]
+    assert config["_class_name"] == samplers.SCHEDULER_CLASSES[name][0]
     assert not np.array_equal(first[0], first[1])
 
 
@@ -43,7 +43,7 @@ def noise_batch(seeds: list[int], width: int, height: int) -> torch.Tensor:
 def test_noise_depends_only_on_the_seed(tiny_components):
     alone = initial_noise(make_generator(42), 64, 64)
     tasks = [task(seed=7), task(seed=42)]
-    scheduler = render.build_scheduler("ddim", tiny_components.scheduler_config)  # init_noise_sigma 1
+    scheduler = samplers.build_scheduler("ddim", tiny_components.scheduler_config)  # init_noise_sigma 1
     timesteps = render.prepare_timesteps(scheduler, 6, 0, "cpu")
     generators = [make_generator(t.seed) for t in tasks]
     batch = render.prepare_latents(tiny_components, scheduler, timesteps, tasks, generators, [None, None])

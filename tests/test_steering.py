@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from farm import render
+from farm import render, samplers
 from farm.images import fit_image
 from farm.noise import initial_noise, make_generator, perturb, slerp, task_noise
 from farm.spec import SCHEDULERS, Batch, Embedding, GuidanceLoss, MixPart, RenderTask, TokenMix
@@ -305,9 +305,9 @@ def test_pndm_first_step_is_two_calls():
     # given: a capture or a guidance step there would be lost, so both count it with call 0.
     from farm.models import build_tiny_pipeline
 
-    scheduler = render.build_scheduler("pndm", dict(build_tiny_pipeline().scheduler.config))
+    scheduler = samplers.build_scheduler("pndm", dict(build_tiny_pipeline().scheduler.config))
     timesteps = render.prepare_timesteps(scheduler, 6, 0, "cpu")
-    starts, ends = render.step_marks(scheduler, timesteps)
+    starts, ends = samplers.step_marks(scheduler, timesteps)
     assert len(timesteps) == 7
     assert starts == [True, False, True, True, True, True, True]
     assert ends == [False, True, True, True, True, True, True]
@@ -317,7 +317,7 @@ def test_pndm_first_step_is_two_calls():
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 def test_predicted_x0_matches_the_scheduler(tiny_components, scheduler, prediction):
     config = {**tiny_components.scheduler_config, "prediction_type": prediction}
-    built = render.build_scheduler(scheduler, config)
+    built = samplers.build_scheduler(scheduler, config)
     timesteps = render.prepare_timesteps(built, 10, 0, "cpu")
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 8, 8, generator=generator) * float(built.init_noise_sigma)

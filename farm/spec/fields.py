@@ -16,10 +16,21 @@ from typing import Any
 
 from farm.errors import FarmError
 from farm.models import PRESETS, is_known_model_ref
-from farm.spec.task import INT_FIELDS, Embedding, GuidanceLoss, MixPart, TokenMix
+from farm.spec.task import INT_FIELDS, PAIR_FIELDS, Embedding, GuidanceLoss, Lora, MixPart, TokenMix
 
-# Names a job may use; render.py maps each to its diffusers class (a test keeps both in step).
-SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m")
+# Names a job may use; samplers.py maps each to its diffusers class (a test keeps both in step).
+SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm")
+# How a scheduler spaces its sigmas, as A1111's "Schedule type" names it: automatic is the
+# scheduler's own spacing (diffusers' default), karras and exponential its use_*_sigmas options.
+SCHEDULE_TYPES = ("automatic", "karras", "exponential")
+# A1111 lets clip skip go to 12, the layer count of SD 1.x's text encoder; past the encoder's own
+# depth a task fails when it renders (the encoder is known only then).
+MAX_CLIP_SKIP = 12
+# A LoRA's weight: A1111 and diffusers take any number; past +-10 an adapter swamps the model.
+MAX_LORA_WEIGHT = 10.0
+# A1111's extra-networks tag in a prompt (<lora:name:weight>, <lyco:...>): farm would render it as
+# words, so a prompt holding one is refused with the loras: entry to write instead.
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?[^>]*>", re.IGNORECASE)
 # grid: the sweep as written; perturb: one base seed x variation seeds x strengths;
 # trajectory: every step captured (docs/steering.md); animate: img2img over a clip's
 # frames; walk: text-only frames between prompts and seeds (docs/animation.md).
@@ -71,7 +82,11 @@ NUMBER_FIELDS: dict[str, tuple[float, float]] = {
     "blend": (0.0, 1.0),
 }
 # Technique fields that take one of a few names.
-CHOICE_FIELDS: dict[str, tuple[str, ...]] = {"mix_mode": MIX_MODES, "long_prompt": LONG_PROMPT_MODES}
+CHOICE_FIELDS: dict[str, tuple[str, ...]] = {
+    "mix_mode": MIX_MODES,
+    "long_prompt": LONG_PROMPT_MODES,
+    "schedule_type": SCHEDULE_TYPES,
+}
 # A prompt mix's and a token mix's weights: negative weights subtract a concept.
 MAX_MIX_WEIGHT = 10.0
 
@@ -91,7 +106,7 @@ def check_value(key: str, value: Any, where: str) -> Any:
     if key in ("prompt", "negative_prompt"):
         if not isinstance(value, str):
             raise SpecError(f"{where}: expected text, got {show_type(value)}")
-        return value
+        return check_prompt_text(value, where)
     if key == "seed":
         if value == "random":
             return value
@@ -159,7 +174,27 @@ def check_technique(key: str, value: Any, where: str) -> Any:
         if len(set(kinds)) != len(kinds):
             raise SpecError(f"{where}: each kind once")
         return tuple(kinds)
+    if key == "clip_skip":
+        return None if value is None else whole(value, where, 1, MAX_CLIP_SKIP)
+    if key == "loras":
+        return tuple(
+            _parse_lora(e, f"{where}[{i}]") for i, e in enumerate(_list(value, where, "LoRA files", allow_empty=True))
+        )
+    if key in PAIR_FIELDS:
+        return None if value is None else _parse_pair(key, value, where)
     raise SpecError(f"{where}: unknown task field")  # pragma: no cover - guarded by callers
+
+
+def check_prompt_text(text: str, where: str) -> str:
+    """``text`` unless it holds an A1111 ``<lora:name:weight>`` tag, which farm would render as words."""
+    tag = LORA_TAG.search(text)
+    if tag is None:
+        return text
+    weight = tag.group(2) or "1"
+    raise SpecError(
+        f"{where}: {show(tag.group(0))} is A1111's LoRA tag, which farm does not read from prompts; "
+        f"remove it and write loras: [{{path: {tag.group(1)}.safetensors, weight: {weight}}}]"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,6 +321,33 @@ def _parse_embedding(value: Any, where: str) -> Embedding:
         path=_text(item["path"], f"{where}.path"),
         sha256="",
         token=None if token is None else _text(token, f"{where}.token"),
+    )
+
+
+def _parse_lora(value: Any, where: str) -> Lora:
+    """A path, or {path, weight}; job.py makes the path absolute and hashes the file."""
+    if isinstance(value, str):
+        return Lora(path=_text(value, where), sha256="")
+    item = _mapping(value, where, ("path", "weight"), ("path",))
+    weight = number(item.get("weight", 1.0), f"{where}.weight", -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)
+    return Lora(path=_text(item["path"], f"{where}.path"), sha256="", weight=weight)
+
+
+def _parse_pair(key: str, value: Any, where: str) -> tuple[int, int]:
+    """SDXL micro-conditioning: [height, width] (sizes, from 1) or [top, left] (a crop, from 0)."""
+    low, expected = (
+        (0, "[top, left], two whole numbers from 0")
+        if key == "crops_coords_top_left"
+        else (
+            1,
+            "[height, width], two whole numbers from 1",
+        )
+    )
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise SpecError(f"{where}: expected {expected}, got {show(value)}")
+    return (
+        whole(value[0], f"{where}[0]", low, 1_000_000, expected),
+        whole(value[1], f"{where}[1]", low, 1_000_000, expected),
     )
 
 

@@ -35,6 +35,9 @@ BATCH_FIELDS = (
     "embeddings",
     "capture",
     "long_prompt",
+    "schedule_type",
+    "clip_skip",
+    "loras",
 )
 
 
@@ -62,6 +65,15 @@ class Embedding:
     path: str
     sha256: str
     token: str | None = None
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA file and the weight its adapter is applied with (0: the image without it, exactly)."""
+
+    path: str
+    sha256: str
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,16 @@ class RenderTask:
     previous: str | None = None
     blend: float = 0.0
     color_reference: str | None = None
+    # The models people bring (docs/models.md): sigma spacing as A1111 names it (automatic is the
+    # scheduler's own), the CLIP layer the prompt is read from (1: the last, A1111's convention;
+    # None: the family's default), LoRA adapters and their weights, and SDXL's micro-conditioning
+    # (height, width) / (top, left) pairs, filled with diffusers' defaults for an SDXL model.
+    schedule_type: str = "automatic"
+    clip_skip: int | None = None
+    loras: tuple[Lora, ...] = ()
+    original_size: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
 
     @cached_property
     def task_id(self) -> str:
@@ -138,6 +160,10 @@ class RenderTask:
         fields["token_mix"] = tuple(TokenMix(**m) for m in fields.get("token_mix", ()))
         fields["embeddings"] = tuple(Embedding(**e) for e in fields.get("embeddings", ()))
         fields["capture"] = tuple(fields.get("capture", ()))
+        fields["loras"] = tuple(Lora(**entry) for entry in fields.get("loras", ()))
+        for name in PAIR_FIELDS:
+            if fields.get(name) is not None:
+                fields[name] = tuple(fields[name])
         loss = fields.get("guidance_loss")
         if loss is not None:
             fields["guidance_loss"] = GuidanceLoss(**{**loss, "target": tuple(loss.get("target", ()))})
@@ -165,6 +191,11 @@ class RenderTask:
             parts.append(f"capture {'+'.join(self.capture)}")
         if self.long_prompt != "truncate":
             parts.append(f"long prompt {self.long_prompt}")
+        if self.schedule_type != "automatic":
+            parts.append(f"{self.schedule_type} sigmas")
+        if self.clip_skip is not None:
+            parts.append(f"clip skip {self.clip_skip}")
+        parts += [f"lora {Path(lora.path).stem} at {lora.weight:g}" for lora in self.loras]
         if self.frame is not None:
             parts.append(f"frame {self.frame}")
         if self.previous:
@@ -179,7 +210,9 @@ class RenderTask:
 
 
 TASK_FIELDS = tuple(f.name for f in dataclasses.fields(RenderTask))
-INT_FIELDS = ("seed", "steps", "width", "height", "variation_seed", "start_step", "frame")
+INT_FIELDS = ("seed", "steps", "width", "height", "variation_seed", "start_step", "frame", "clip_skip")
+# SDXL's micro-conditioning: two whole numbers each, (height, width) or (top, left) as diffusers orders them.
+PAIR_FIELDS = ("original_size", "target_size", "crops_coords_top_left")
 SEED_FIELDS = ("seed", "variation_seed")
 # Filled in from the file when the job is read, never written by the user.
 DERIVED_FIELDS = ("init_image_sha256", "frame", "previous", "blend", "color_reference")
