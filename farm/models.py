@@ -423,6 +423,18 @@ class Components:
     model_hash: str
     # Prompt encoders the render core keeps for this model (farm.render.prompt_encoder).
     encoders: dict[Any, Any] = field(default_factory=dict, repr=False)
+    # The model's family ("sd1", "sd2", "sdxl"); SDXL's second tokenizer and text encoder (the one
+    # with a projection, whose pooled output conditions the UNet), None for SD; its pipeline config's
+    # force_zeros_for_empty_prompt (an empty negative prompt conditions as zeros).
+    family: str = "sd1"
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
+    # The loaded diffusers pipeline: LoRA adapters load into it (farm.loras); rendering never calls it.
+    pipeline: Any = field(default=None, repr=False)
+    # The LoRA set applied now, ((sha256, weight), ...) as farm.loras set it: text embeddings depend
+    # on it, so prompt encoders are kept per set.
+    lora_key: tuple = ()
 
 
 def pick_device() -> str:
