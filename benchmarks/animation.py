@@ -61,7 +61,7 @@ def main() -> None:
     import ray
 
     from farm.driver import RenderOptions, run_job
-    from farm.models import ensure_tiny
+    from farm.presets import ensure_tiny
     from farm.spec import load_job
 
     ensure_tiny()

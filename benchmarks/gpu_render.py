@@ -136,7 +136,7 @@ def build_sd15_shaped(folder: Path) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from farm.models import build_tiny_pipeline
+    from farm.presets import build_tiny_pipeline
 
     tiny = build_tiny_pipeline()  # farm's tokenizer and SD's own scheduler config
     tokenizer = tiny.tokenizer

@@ -1,16 +1,16 @@
-"""Model references -> loaded components.
+"""Model references -> their family -> loaded components.
 
 A model reference is one of:
 
-- a preset name (``tiny``), built once from a fixed seed into the farm cache;
+- a preset name (``tiny``, ``tiny-xl``), built once from a fixed seed into the farm cache (farm.presets);
 - a diffusers folder (one holding ``model_index.json``);
 - a Hugging Face hub id (``org/name``) already present in the local hub cache;
 - a single ``.safetensors`` checkpoint (loaded with ``from_single_file``);
 - a pickle checkpoint (``.ckpt``, ``.bin``, ``.pt``, ``.pth``), refused unless allowed.
 
-Resolving a reference (``resolve_model``) touches only the file system, so the driver and
-the spec can call it without importing torch; ``load_components`` does the heavy lifting
-inside an actor.
+Resolving a reference (``resolve_model``) and reading its family (``reference_facts``) touch only JSON
+files and safetensors headers, so the driver and the spec can call them without importing torch;
+``load_components`` does the heavy lifting inside an actor.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,30 +26,48 @@ from typing import Any
 
 from farm.errors import FarmError
 
-PRESETS = ("tiny",)
-# Bumped whenever the tiny architecture or its vocabulary changes, so an old cache
-# folder is never mistaken for the current preset.
-TINY_VERSION = "v3"
-TINY_SEED = 20221122
+# PRESETS, ModelFacts and farm_home are also the spec's names for them, through this module.
+from farm.presets import PRESET_FACTS, PRESETS, ModelFacts, ensure_preset, farm_home
+
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-# The diffusers pipeline classes (model_index.json's _class_name) whose folders farm renders: Stable
-# Diffusion 1.x and 2.x as saved by the text-to-image pipeline or by its img2img twin, which has the
-# same components (vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor),
-# so StableDiffusionPipeline loads it as it is. Everything else is refused before Ray starts: the
-# inpainting, depth, upscale and pix2pix pipelines share those names but not the UNet's inputs, and
-# SDXL, SD3, Flux and the rest condition differently; StableDiffusionPipeline would load them wrongly
-# and every task would fail, three tries each.
-RENDERED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
-RENDERED_FAMILIES = "Stable Diffusion 1.x and 2.x"
+# The diffusers pipeline classes (model_index.json's _class_name) whose folders farm renders, with the
+# pipeline class that loads them: the text-to-image pipelines of Stable Diffusion 1.x/2.x and SDXL, and
+# their img2img twins, which have the same components, so the text-to-image class loads them as they
+# are. Everything else is refused before Ray starts: the inpainting, depth, upscale and pix2pix pipelines
+# share those names but not the UNet's inputs, and SD3, Flux, PixArt, Kandinsky and the rest condition
+# differently; a Stable Diffusion class would load them wrongly and every task would fail, three tries each.
+RENDERED_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
+}
+RENDERED_FAMILIES = "SD 1.x, SD 2.x and SDXL"
+# The families farm renders (ModelFacts.family, ResolvedModel.family, Components.family), in words for messages.
+FAMILY_WORDS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# SD 2.x's text encoder is OpenCLIP ViT-H: gelu (SD 1.x's OpenAI CLIP uses quick_gelu), 1024 wide.
+SD2_HIDDEN_ACT = "gelu"
+SD2_CROSS_ATTENTION_DIM = 1024
 # Key name prefixes (in a single file's original layout, bare or under model.diffusion_model., or in
-# diffusers' own) that mark a checkpoint of an architecture farm does not render, with its name (and article).
-# diffusers tells these files apart by the same keys (loaders/single_file_utils.py, CHECKPOINT_KEY_NAMES).
+# diffusers' own) that mark a checkpoint of an architecture farm does not render, with its name (and
+# article), checked in this order. diffusers tells these files apart by the same keys
+# (loaders/single_file_utils.py, CHECKPOINT_KEY_NAMES).
 OTHER_ARCHITECTURE_KEYS = (
-    ("conditioner.embedders.", "an SDXL"),  # SDXL base and refiner: their text encoders sit under conditioner
-    ("add_embedding.", "an SDXL"),  # a diffusers-layout SDXL UNet: the micro-conditioning embedding
     ("joint_blocks.", "an SD3"),  # the MMDiT of Stable Diffusion 3 and 3.5
     ("double_blocks.", "a Flux"),  # Flux's double-stream transformer blocks
+    ("x_embedder.", "a DiT (PixArt or similar)"),  # a transformer's patch embedding, never in a UNet
 )
+# A single file's text encoders, by the keys of its original layout: SDXL keeps both under conditioner
+# (CLIP ViT-L as embedders.0.transformer, OpenCLIP bigG as embedders.1.model), and its refiner only the
+# OpenCLIP one, as embedders.0.model; SD 2.x's OpenCLIP sits under cond_stage_model.model, SD 1.x's
+# CLIP under cond_stage_model.transformer.
+SDXL_KEYS = "conditioner.embedders."
+SDXL_FIRST_ENCODER_KEYS = "conditioner.embedders.0.transformer."
+SD2_KEYS = "cond_stage_model.model."
+SD1_KEYS = "cond_stage_model.transformer."
+# The micro-conditioning embedding of a diffusers-layout SDXL UNet.
+SDXL_UNET_KEYS = "add_embedding."
+REFINER = "an SDXL refiner (it has no first text encoder)"
 LDM_UNET_PREFIX = "model.diffusion_model."
 # A single file's first UNet convolution, (channels, in_channels, 3, 3): its in_channels is the latent
 # channels farm feeds (4), or more for a UNet that also takes an image or mask (inpainting 9, depth 5,
@@ -58,16 +75,6 @@ LDM_UNET_PREFIX = "model.diffusion_model."
 UNET_IN_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "conv_in.weight")
 LATENT_CHANNELS = 4
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Words given whole-word BPE merges in the tiny tokenizer, so the demo prompts tokenize
-# into words like a real CLIP vocabulary would; anything else falls back to characters.
-TINY_WORDS = (
-    "a an the of in on with and at by from to riding giant flying space digital art "
-    "cute shiba inu dog cat puppy skunk alien beetle photo painting portrait landscape "
-    "watercolor oil sunset forest city night mountain river sea ocean blue red green "
-    "yellow orange purple black white golden house castle robot astronaut horse rabbit "
-    "wooden carving highly detailed realistic style by trending artstation blurry ugly "
-    "low quality lake tree flower sky cloud snow winter summer"
-).split()
 
 
 class ModelError(FarmError):
@@ -76,18 +83,14 @@ class ModelError(FarmError):
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """Where a model reference points on this node, and how to load it."""
+    """Where a model reference points on this node, how to load it, and its family."""
 
     ref: str
     kind: str  # "preset" | "folder" | "single_file"
     path: str
     config: str | None = None  # a diffusers folder whose configs a single file uses
     allow_pickle: bool = False  # may a folder's .bin (pickle) weights be loaded
-
-
-def farm_home() -> Path:
-    """The farm cache folder: ``$FARM_HOME`` or ``~/.cache/farm``."""
-    return Path(os.environ.get("FARM_HOME") or Path.home() / ".cache" / "farm")
+    family: str = "sd1"  # "sd1" | "sd2" | "sdxl": which pipeline class loads it
 
 
 def is_known_model_ref(ref: str) -> bool:
@@ -101,17 +104,17 @@ def is_known_model_ref(ref: str) -> bool:
 
 
 def resolve_model(ref: str, allow_pickle: bool = False, config: str | None = None) -> ResolvedModel:
-    """Turn a model reference into a local path, with a clear error when it cannot be, or when it
-    holds an architecture farm does not render (read from model_index.json or a single file's
-    header, never the weights)."""
+    """Turn a model reference into a local path and its family, with a clear error when it cannot be, or
+    when it holds an architecture farm does not render (read from model_index.json and the configs beside
+    it, or a single file's header, never the weights)."""
     if ref in PRESETS:
-        return ResolvedModel(ref, "preset", str(ensure_tiny()))
+        return ResolvedModel(ref, "preset", str(ensure_preset(ref)), family=PRESET_FACTS[ref].family)
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelError(f"model {ref!r}: folder has no model_index.json (not a diffusers pipeline folder)")
-        check_pipeline_class(path, f"model {ref!r}")
-        return ResolvedModel(ref, "folder", str(path.resolve()), allow_pickle=allow_pickle)
+        family = pipeline_family(path, f"model {ref!r}")
+        return ResolvedModel(ref, "folder", str(path.resolve()), allow_pickle=allow_pickle, family=family)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in PICKLE_SUFFIXES and not allow_pickle:
@@ -121,22 +124,30 @@ def resolve_model(ref: str, allow_pickle: bool = False, config: str | None = Non
             )
         if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
             raise ModelError(f"model {ref!r}: expected a .safetensors file, a diffusers folder or a hub id")
-        if suffix == ".safetensors":
-            check_single_file(path, f"model {ref!r}")
+        family = single_file_family(path, f"model {ref!r}") if suffix == ".safetensors" else None
+        config_family = None
         if config is not None and (Path(config).expanduser() / "model_index.json").is_file():
-            check_pipeline_class(Path(config).expanduser(), f"model_config {config!r}")
-        return ResolvedModel(ref, "single_file", str(path.resolve()), config)
+            config_family = pipeline_family(Path(config).expanduser(), f"model_config {config!r}")
+        # SD 1.x and 2.x configs differ in sizes that loading reports; SDXL and SD differ in pipeline class.
+        if family and config_family and family != config_family and "sdxl" in (family, config_family):
+            raise ModelError(
+                f"model {ref!r} is {FAMILY_WORDS[family]} but its model_config {config!r} is "
+                f"{FAMILY_WORDS[config_family]}; give the configs of the checkpoint's own architecture"
+            )
+        family = family or config_family or "sd1"
+        return ResolvedModel(ref, "single_file", str(path.resolve()), config, family=family)
     if HUB_ID.fullmatch(ref):
         folder = find_in_hub_cache(ref)
-        check_pipeline_class(Path(folder), f"model {ref!r}")
-        return ResolvedModel(ref, "folder", folder, allow_pickle=allow_pickle)
+        family = pipeline_family(Path(folder), f"model {ref!r}")
+        return ResolvedModel(ref, "folder", folder, allow_pickle=allow_pickle, family=family)
     raise ModelError(
         f"model {ref!r}: not a preset ({', '.join(PRESETS)}), an existing folder or file, or a hub id (org/name)"
     )
 
 
-def check_pipeline_class(folder: Path, what: str) -> None:
-    """ModelError unless the folder's model_index.json names a pipeline farm renders (RENDERED_PIPELINES)."""
+def pipeline_family(folder: Path, what: str) -> str:
+    """The family of a diffusers folder; ModelError unless its model_index.json names a pipeline farm
+    renders (RENDERED_PIPELINES) with a text-to-image UNet and a first text encoder."""
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except OSError as exc:
@@ -144,17 +155,59 @@ def check_pipeline_class(folder: Path, what: str) -> None:
     except ValueError as exc:  # not JSON, or not UTF-8
         raise ModelError(f"{what}: its model_index.json is not valid JSON ({exc})") from exc
     name = index.get("_class_name") if isinstance(index, dict) else None
-    if name in RENDERED_PIPELINES:
-        return
-    rendered = f"{', '.join(RENDERED_PIPELINES)}: {RENDERED_FAMILIES}"
+    rendered = f"{RENDERED_FAMILIES}: {', '.join(RENDERED_PIPELINES)}"
     if not isinstance(name, str) or not name:
         raise ModelError(f"{what}: its model_index.json names no pipeline (_class_name); farm renders {rendered}")
-    raise ModelError(f"{what}: pipeline {_shown(name)} is not one farm renders ({rendered})")
+    if name not in RENDERED_PIPELINES:
+        raise ModelError(f"{what}: pipeline {_shown(name)} is not one farm renders ({rendered})")
+    family = index_family(index, folder)
+    if family is None:
+        raise ModelError(f"{what}: {REFINER}, not a model farm renders ({RENDERED_FAMILIES} base models)")
+    channels = read_json(folder / "unet" / "config.json").get("in_channels", LATENT_CHANNELS)
+    if channels != LATENT_CHANNELS:
+        raise ModelError(unet_channels_message(what, channels))
+    return family
 
 
-def check_single_file(path: Path, what: str) -> None:
-    """ModelError when a .safetensors file's header (key names and shapes; no tensor is read) shows an
-    architecture farm does not render. A header that cannot be read passes: loading reports it."""
+def index_family(index: dict[str, Any], folder: Path) -> str | None:
+    """The family of a rendered pipeline's model_index.json (and the configs beside it); None for an
+    SDXL refiner, whose first text encoder is null (it conditions on OpenCLIP bigG alone)."""
+    if RENDERED_PIPELINES.get(str(index.get("_class_name"))) == "StableDiffusionXLPipeline":
+        encoder = index.get("text_encoder")
+        if not isinstance(encoder, list) or not encoder or encoder[0] is None:
+            return None
+        return "sdxl"
+    text_config = read_json(folder / "text_encoder" / "config.json")
+    unet_config = read_json(folder / "unet" / "config.json")
+    if (
+        text_config.get("hidden_act") == SD2_HIDDEN_ACT
+        or unet_config.get("cross_attention_dim") == SD2_CROSS_ATTENTION_DIM
+    ):
+        return "sd2"
+    return "sd1"
+
+
+def unet_channels_message(what: str, channels: Any) -> str:
+    """The one line refusing a UNet that takes more than the latents (an image or a mask as well)."""
+    return (
+        f"{what}: its UNet takes {_shown(channels)} input channels (an inpainting, depth, instruct-pix2pix or "
+        f"upscaler model), not the {LATENT_CHANNELS} of the text-to-image UNets farm renders"
+    )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file, or {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def single_file_family(path: Path, what: str) -> str | None:
+    """The family of a .safetensors checkpoint from its header (key names and shapes; no tensor is
+    read); ModelError when they show an architecture farm does not render. None when the header cannot
+    be read (loading reports it) or names no text encoder (a UNet alone: its configs decide)."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -162,21 +215,97 @@ def check_single_file(path: Path, what: str) -> None:
             keys = list(fh.keys())
             first = next((fh.get_slice(key).get_shape() for key in UNET_IN_KEYS if key in keys), None)
     except (OSError, SafetensorError):
-        return
-    for key in keys:
-        bare = key.removeprefix(LDM_UNET_PREFIX)
-        for prefix, family in OTHER_ARCHITECTURE_KEYS:
+        return None
+    for prefix, name in OTHER_ARCHITECTURE_KEYS:
+        for key in keys:
+            bare = key.removeprefix(LDM_UNET_PREFIX)
             if bare.startswith(prefix):
                 found = key[: len(key) - len(bare)] + prefix  # our own words: no text from the file
                 raise ModelError(
-                    f"{what}: {family} checkpoint (it has {found}* keys), "
+                    f"{what}: {name} checkpoint (it has {found}* keys), "
                     f"not an architecture farm renders ({RENDERED_FAMILIES})"
                 )
     if first is not None and len(first) == 4 and first[1] != LATENT_CHANNELS:
-        raise ModelError(
-            f"{what}: its UNet takes {first[1]} input channels (an inpainting, depth, instruct-pix2pix or "
-            f"upscaler checkpoint), not the {LATENT_CHANNELS} of the text-to-image UNets farm renders"
-        )
+        raise ModelError(unet_channels_message(what, first[1]))
+    return keys_family(keys, what)
+
+
+def keys_family(keys: list[str], what: str) -> str | None:
+    """A single file's family from where its text encoders sit; ModelError for an SDXL refiner."""
+    if any(key.startswith(SDXL_KEYS) for key in keys):
+        if not any(key.startswith(SDXL_FIRST_ENCODER_KEYS) for key in keys):
+            raise ModelError(f"{what}: {REFINER}, not a model farm renders ({RENDERED_FAMILIES} base models)")
+        return "sdxl"
+    if any(key.removeprefix(LDM_UNET_PREFIX).startswith(SDXL_UNET_KEYS) for key in keys):
+        return "sdxl"
+    if any(key.startswith(SD2_KEYS) for key in keys):
+        return "sd2"
+    if any(key.startswith(SD1_KEYS) for key in keys):
+        return "sd1"
+    return None
+
+
+def reference_facts(ref: str, config: str | None = None) -> ModelFacts | None:
+    """A model's family, native size and prediction type from its reference alone (presets' constants,
+    model_index.json and the configs beside it, a single file's header keys); None when the reference
+    cannot be read here or is not a model farm renders (resolve_model says why)."""
+    if ref in PRESETS:
+        return PRESET_FACTS[ref]
+    try:
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            return folder_facts(path)
+        if path.is_file():
+            return single_file_facts(path, config)
+    except (OSError, RuntimeError, ModelError):  # unreadable, ~unknown-user, or refused
+        return None
+    if HUB_ID.fullmatch(ref):
+        folder = cached_snapshot(ref)
+        return folder_facts(Path(folder)) if folder is not None else None
+    return None
+
+
+def folder_facts(folder: Path) -> ModelFacts | None:
+    """What a diffusers folder's JSON files say: family, native size (UNet sample size x VAE factor) and
+    the scheduler's prediction type; None unless it is a pipeline farm renders."""
+    index = read_json(folder / "model_index.json")
+    name = index.get("_class_name")
+    if not isinstance(name, str) or name not in RENDERED_PIPELINES:
+        return None
+    family = index_family(index, folder)
+    if family is None:
+        return None
+    unet = read_json(folder / "unet" / "config.json")
+    vae = read_json(folder / "vae" / "config.json")
+    native = None
+    sample, levels = unet.get("sample_size"), vae.get("block_out_channels")
+    if isinstance(levels, list) and levels:
+        factor = 2 ** (len(levels) - 1)
+        if isinstance(sample, int) and not isinstance(sample, bool):
+            native = (sample * factor, sample * factor)
+        elif isinstance(sample, list) and len(sample) == 2 and all(isinstance(s, int) for s in sample):
+            native = (sample[0] * factor, sample[1] * factor)
+    prediction = read_json(folder / "scheduler" / "scheduler_config.json").get("prediction_type")
+    return ModelFacts(family, native, prediction if isinstance(prediction, str) else None)
+
+
+def single_file_facts(path: Path, config: str | None) -> ModelFacts | None:
+    """A single file's family from its keys; its native size and prediction type from its config folder
+    (a path or a cached hub id), when given, else unknown."""
+    from_config = None
+    if config is not None:
+        folder = Path(config).expanduser()
+        if not folder.is_dir() and HUB_ID.fullmatch(config):
+            cached = cached_snapshot(config)
+            folder = Path(cached) if cached is not None else folder
+        from_config = folder_facts(folder) if folder.is_dir() else None
+    family = single_file_family(path, f"model {str(path)!r}") if path.suffix.lower() == ".safetensors" else None
+    family = family or (from_config.family if from_config is not None else None)
+    if family is None:
+        return None
+    if from_config is None:
+        return ModelFacts(family, None, None)
+    return ModelFacts(family, from_config.native_size, from_config.prediction_type)
 
 
 def _shown(text: Any, limit: int = 80) -> str:
@@ -266,146 +395,6 @@ def _write_atomic(target: Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# The tiny preset
-
-
-def tiny_path() -> Path:
-    return farm_home() / "models" / f"tiny-{TINY_VERSION}"
-
-
-def ensure_tiny() -> Path:
-    """Build the tiny preset into the farm cache once; later calls just return its folder."""
-    target = tiny_path()
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
-    build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
-    try:
-        staging.rename(target)
-    except OSError:
-        # Another process (a second actor) finished first; its copy is identical.
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins for bytes used by GPT-2 and CLIP byte-level BPE."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str]:
-    """Byte-pair encoding: merge the adjacent pair of lowest rank until no pair has a merge."""
-    ranks = {pair: rank for rank, pair in enumerate(merges)}
-    while len(symbols) > 1:
-        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols[:-1], symbols[1:], strict=True))]
-        rank, i = min(pairs)
-        if rank == len(ranks):
-            break
-        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
-    return symbols
-
-
-def build_tiny_tokenizer() -> Any:
-    """A real CLIPTokenizer over a small byte-level BPE vocabulary: bytes, then word merges."""
-    from transformers import CLIPTokenizer
-
-    byte_chars = byte_alphabet()
-    vocab: dict[str, int] = {}
-    for token in byte_chars + [c + "</w>" for c in byte_chars]:
-        vocab.setdefault(token, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in TINY_WORDS:
-        # Apply the merges made so far, as the tokenizer will ("at" is merged before "cat" is
-        # seen), then add merges for what is left, so every word ends up one token.
-        symbols = apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
-        while len(symbols) > 1:
-            pair = (symbols[0], symbols[1])
-            merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-            symbols = [pair[0] + pair[1]] + symbols[2:]
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def build_tiny_pipeline() -> Any:
-    """The Stable Diffusion 1.x architecture shrunk, weights from a fixed seed."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(TINY_SEED)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    torch.manual_seed(TINY_SEED + 1)
-    # Four levels, so the VAE downsamples by 8 and latents keep the real (4, H/8, W/8) shape.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=64,
-    )
-    torch.manual_seed(TINY_SEED + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    # Stable Diffusion 1.x's own scheduler_config.json, so every scheduler built from this
-    # config behaves as it would on a real checkpoint; clip_sample is not a PNDM argument but
-    # the file carries it, and DDIM reads it from there (its own default would clip x0).
-    scheduler = PNDMScheduler.from_config(
-        {
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "clip_sample": False,
-            "num_train_timesteps": 1000,
-            "skip_prk_steps": True,
-            "set_alpha_to_one": False,
-            "steps_offset": 1,
-        }
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-# ---------------------------------------------------------------------------------------
 # Loading
 
 
@@ -421,7 +410,7 @@ class Components:
     device: str
     dtype: str
     model_hash: str
-    # Prompt encoders the render core keeps for this model (farm.render.prompt_encoder).
+    # Prompt encoders the render core keeps for this model (farm.conditioning.prompt_encoder).
     encoders: dict[Any, Any] = field(default_factory=dict, repr=False)
     # The model's family ("sd1", "sd2", "sdxl"); SDXL's second tokenizer and text encoder (the one
     # with a projection, whose pooled output conditions the UNet), None for SD; its pipeline config's
@@ -435,6 +424,20 @@ class Components:
     # The LoRA set applied now, ((sha256, weight), ...) as farm.loras set it: text embeddings depend
     # on it, so prompt encoders are kept per set.
     lora_key: tuple = ()
+    # The model's own safety checker and its image preprocessor, loaded only when a job asks for the
+    # check (load_components(safety_checker=True)); farm.safety runs them.
+    safety_checker: Any = field(default=None, repr=False)
+    feature_extractor: Any = field(default=None, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How much the VAE downsamples: 2 per level after the first, as diffusers' pipelines compute it."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """The channels of the latents the UNet denoises (4 for every family farm renders)."""
+        return self.unet.config.in_channels
 
 
 def pick_device() -> str:
@@ -450,27 +453,33 @@ def pick_dtype(device: str, requested: str | None = None) -> str:
     return "float16" if device == "cuda" else "float32"
 
 
-def load_pipeline(model: ResolvedModel, dtype: str) -> Any:
-    """Load a StableDiffusionPipeline through diffusers' own loaders; never downloads."""
+def load_pipeline(model: ResolvedModel, dtype: str, safety_checker: bool = False) -> Any:
+    """Load the family's pipeline (StableDiffusionXLPipeline for SDXL, StableDiffusionPipeline for SD 1.x
+    and 2.x) through diffusers' own loaders; never downloads. SD's safety checker only when asked."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    torch_dtype = getattr(torch, dtype)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "safety_checker": None, "local_files_only": True}
+    pipeline_class = StableDiffusionXLPipeline if model.family == "sdxl" else StableDiffusionPipeline
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True}
+    if model.family == "sdxl":
+        kwargs["add_watermarker"] = False  # only the pipeline's own __call__ watermarks, and farm never calls it
+    elif not safety_checker:
+        kwargs["safety_checker"] = None  # SDXL has no such component; SD's is loaded only when asked for
     try:
         if model.kind == "single_file":
             kwargs["config"] = model.config or default_single_file_config(model)
-            return StableDiffusionPipeline.from_single_file(model.path, **kwargs)
+            return pipeline_class.from_single_file(model.path, **kwargs)
         # A folder whose weights are only .bin files holds pickles: refused like a .ckpt.
         safetensors_only = None if model.allow_pickle else True  # None: either format, as diffusers defaults
-        return StableDiffusionPipeline.from_pretrained(model.path, use_safetensors=safetensors_only, **kwargs)
+        return pipeline_class.from_pretrained(model.path, use_safetensors=safetensors_only, **kwargs)
     except ModelError:
         raise
     except Exception as exc:  # diffusers raises many types; the user needs one clear line
         hint = ""
         if model.kind == "folder" and not model.allow_pickle and "safetensors" in str(exc).lower():
             hint = " (its weights may be .bin pickle files: convert them to .safetensors, or pass --allow-pickle)"
-        raise ModelError(f"model {model.ref!r}: could not load from {model.path}: {exc}{hint}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model {model.ref!r}: could not load from {model.path}: {first}{hint}") from exc
 
 
 # The files diffusers fetches for a single file's configs (diffusers/loaders/single_file.py).
@@ -503,12 +512,22 @@ def default_single_file_config(model: ResolvedModel) -> str:
     return folder
 
 
-def load_components(model: ResolvedModel, device: str, dtype: str) -> Components:
-    """Load the model stack onto a device, in eval mode, with its content hash."""
-    pipe = load_pipeline(model, dtype)
+def load_components(model: ResolvedModel, device: str, dtype: str, safety_checker: bool = False) -> Components:
+    """Load the model stack onto a device, in eval mode, with its content hash; with ``safety_checker``,
+    the model's own safety checker and feature extractor too (farm.safety runs them)."""
+    pipe = load_pipeline(model, dtype, safety_checker)
+    checker = getattr(pipe, "safety_checker", None) if safety_checker else None
+    extractor = getattr(pipe, "feature_extractor", None) if safety_checker else None
+    if safety_checker and (checker is None or extractor is None):
+        raise ModelError(
+            f"model {model.ref!r} has no safety_checker component; name a checker with safety_check.checker"
+        )
     pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval().requires_grad_(False)
+    sdxl = model.family == "sdxl"
+    text_encoder_2 = pipe.text_encoder_2 if sdxl else None
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_2, checker):
+        if module is not None:
+            module.eval().requires_grad_(False)
     return Components(
         tokenizer=pipe.tokenizer,
         text_encoder=pipe.text_encoder,
@@ -518,4 +537,11 @@ def load_components(model: ResolvedModel, device: str, dtype: str) -> Components
         device=device,
         dtype=dtype,
         model_hash=model_hash(model.path),
+        family=model.family,
+        tokenizer_2=pipe.tokenizer_2 if sdxl else None,
+        text_encoder_2=text_encoder_2,
+        force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)) if sdxl else False,
+        pipeline=pipe,
+        safety_checker=checker,
+        feature_extractor=extractor,
     )

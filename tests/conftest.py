@@ -1,4 +1,4 @@
-"""Shared fixtures: one farm cache, one tiny model and one local Ray per test session."""
+"""Shared fixtures: one farm cache, the tiny models (SD 1.x and SDXL) and one local Ray per test session."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def farm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_path(farm_home: Path) -> Path:
-    from farm.models import ensure_tiny
+    from farm.presets import ensure_tiny
 
     return ensure_tiny()
 
@@ -60,6 +60,20 @@ def tiny_components(tiny_path: Path):
     from farm.models import load_components, resolve_model
 
     return load_components(resolve_model("tiny"), "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_path(farm_home: Path) -> Path:
+    from farm.presets import ensure_preset
+
+    return ensure_preset("tiny-xl")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_components(tiny_xl_path: Path):
+    from farm.models import load_components, resolve_model
+
+    return load_components(resolve_model("tiny-xl"), "cpu", "float32")
 
 
 @pytest.fixture(scope="session")

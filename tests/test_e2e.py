@@ -141,7 +141,7 @@ def test_a_model_that_fails_to_load_in_the_actor_is_one_clear_error(ray_session,
     # load fails inside the actor, which the driver reports as a clear one-line error.
     import shutil
 
-    from farm.models import ensure_tiny
+    from farm.presets import ensure_tiny
 
     broken = tmp_path / "broken"
     shutil.copytree(ensure_tiny(), broken)

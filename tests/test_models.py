@@ -1,4 +1,4 @@
-"""Model references: the tiny preset, diffusers folders, hub ids in the cache, pickle safety."""
+"""Model references: the presets, diffusers folders, hub ids in the cache, pickle safety, the safety checker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from farm import models
+from farm import models, presets
 from farm.cli import main
 
 
@@ -17,7 +17,7 @@ def test_tiny_is_a_real_diffusers_folder(tiny_path: Path):
     assert (tiny_path / "model_index.json").is_file()
     for part in ("unet", "vae", "text_encoder"):
         assert list((tiny_path / part).glob("*.safetensors")), part
-    assert models.ensure_tiny() == tiny_path  # built once, then reused
+    assert presets.ensure_tiny() == tiny_path  # built once, then reused
 
 
 def test_tiny_tokenizer_is_a_real_clip_tokenizer(tiny_components):
@@ -35,18 +35,30 @@ def test_tiny_tokenizer_is_a_real_clip_tokenizer(tiny_components):
 
 def test_every_tiny_word_is_one_token(tiny_components):
     # token mixing and textual inversion need whole words; "cat" must not split on "at"
-    split = [w for w in models.TINY_WORDS if len(tiny_components.tokenizer.tokenize(w)) != 1]
+    split = [w for w in presets.TINY_WORDS if len(tiny_components.tokenizer.tokenize(w)) != 1]
     assert split == []
 
 
-def test_tiny_weights_come_from_a_fixed_seed(tmp_path: Path, monkeypatch, tiny_path: Path):
+@pytest.mark.parametrize(
+    ("name", "parts"), [("tiny", ("unet", "vae", "text_encoder")), ("tiny-xl", ("unet", "text_encoder_2"))]
+)
+def test_preset_weights_come_from_a_fixed_seed(
+    tmp_path: Path, monkeypatch, name: str, parts: tuple[str, ...], request: pytest.FixtureRequest
+):
+    built = request.getfixturevalue({"tiny": "tiny_path", "tiny-xl": "tiny_xl_path"}[name])
     monkeypatch.setenv("FARM_HOME", str(tmp_path))
-    rebuilt = models.ensure_tiny()
-    assert rebuilt != tiny_path
-    for part in ("unet", "vae", "text_encoder"):
-        (a,) = (tiny_path / part).glob("*.safetensors")
+    rebuilt = presets.ensure_preset(name)
+    assert rebuilt == tmp_path / "models" / built.name and rebuilt != built
+    assert not [p for p in rebuilt.parent.iterdir() if p.name.startswith(".")]  # the staging folder was renamed
+    for part in parts:
+        (a,) = (built / part).glob("*.safetensors")
         (b,) = (rebuilt / part).glob("*.safetensors")
         assert models.file_sha256(a) == models.file_sha256(b), part
+
+
+def test_an_unknown_preset_name_is_refused():
+    with pytest.raises(ValueError, match="unknown preset 'tiny-sd3'"):
+        presets.ensure_preset("tiny-sd3")
 
 
 def test_model_hash_is_stable_and_content_based(tmp_path: Path, tiny_path: Path):
@@ -158,3 +170,40 @@ def test_folder_with_only_pickle_weights_needs_allow_pickle(tmp_path: Path, tiny
         models.load_components(models.resolve_model(str(folder)), "cpu", "float32")
     loaded = models.load_components(models.resolve_model(str(folder), allow_pickle=True), "cpu", "float32")
     assert loaded.unet is not None
+
+
+def test_the_safety_checker_is_loaded_only_when_asked(tmp_path: Path, tiny_components):
+    """A model with its own safety_checker and feature_extractor: kept on Components when asked for,
+    left unloaded otherwise."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(0)
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(vision_config={**vision, "image_size": 32, "patch_size": 8}, projection_dim=32)
+    c = tiny_components
+    StableDiffusionPipeline(
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        tokenizer=c.tokenizer,
+        unet=c.unet,
+        scheduler=c.pipeline.scheduler,
+        safety_checker=StableDiffusionSafetyChecker(config).eval(),
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    ).save_pretrained(tmp_path / "with-checker", safe_serialization=True)
+    resolved = models.resolve_model(str(tmp_path / "with-checker"))
+    checked = models.load_components(resolved, "cpu", "float32", safety_checker=True)
+    assert isinstance(checked.safety_checker, StableDiffusionSafetyChecker) and not checked.safety_checker.training
+    assert checked.feature_extractor is not None
+    assert models.load_components(resolved, "cpu", "float32").safety_checker is None
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-xl"])
+def test_a_model_without_a_safety_checker_says_so(name: str, request: pytest.FixtureRequest):
+    request.getfixturevalue({"tiny": "tiny_path", "tiny-xl": "tiny_xl_path"}[name])
+    with pytest.raises(models.ModelError) as caught:
+        models.load_components(models.resolve_model(name), "cpu", "float32", safety_checker=True)
+    assert str(caught.value) == (
+        f"model {name!r} has no safety_checker component; name a checker with safety_check.checker"
+    )

@@ -1,7 +1,8 @@
 """A single ``.safetensors`` checkpoint in the original LDM layout loads and renders like the diffusers folder.
 
-The checkpoint is the tiny preset written by ``ldm_export``; the configs it loads with come from a
-copy of the tiny folder without its weights, so every tensor must come from the single file.
+The checkpoints are the tiny presets written by ``ldm_export`` (SD 1.x, and SDXL in sgm's layout); the
+configs they load with come from a copy of the preset's folder without its weights, so every tensor
+must come from the single file.
 """
 
 from __future__ import annotations
@@ -144,3 +145,54 @@ def test_farm_reproduce_takes_a_single_files_model_config(single_file: Path, con
     assert without.exit_code == 2, without.output
     assert without.output.startswith("error: ") and "model_config" in without.output, without.output
     assert "Traceback" not in without.output
+
+
+# ---------------------------------------------------------------------------------------
+# SDXL: two text encoders (CLIP under conditioner.embedders.0, OpenCLIP under .1), StableDiffusionXLPipeline
+
+XL_MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def xl_single_file(tiny_xl_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("xl_single_file") / "tiny-xl-sgm.safetensors"
+    export_single_file(tiny_xl_path, target)
+    return target
+
+
+def test_an_sdxl_export_uses_sgm_keys(xl_single_file: Path, tiny_xl_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(xl_single_file))
+    for key in (
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+        "conditioner.embedders.1.model.positional_embedding",
+        "conditioner.embedders.1.model.text_projection",
+        "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
+        "model.diffusion_model.label_emb.0.0.weight",
+        "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight",  # level 1, two layers
+    ):
+        assert key in checkpoint, key
+    assert not any(key.startswith("cond_stage_model.") for key in checkpoint)
+
+
+def test_an_sdxl_single_file_loads_the_same_weights(
+    xl_single_file: Path, tiny_xl_path: Path, tiny_xl_components: Components, tmp_path: Path
+) -> None:
+    config = tmp_path / "tiny-xl-config"
+    shutil.copytree(tiny_xl_path, config, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", _no_network)
+        resolved = resolve_model(str(xl_single_file), config=str(config))
+        assert resolved.family == "sdxl"
+        loaded = load_components(resolved, "cpu", "float32")
+    assert loaded.family == "sdxl" and loaded.force_zeros_for_empty_prompt is True
+    for name in XL_MODULES:
+        got = getattr(loaded, name).state_dict()
+        expected = getattr(tiny_xl_components, name).state_dict()
+        assert got.keys() == expected.keys(), name
+        for key, tensor in expected.items():
+            assert torch.equal(got[key], tensor), f"{name}.{key}"
+    assert loaded.scheduler_config == tiny_xl_components.scheduler_config
+    assert loaded.vae.config.scaling_factor == tiny_xl_components.vae.config.scaling_factor
+    assert loaded.tokenizer_2.get_vocab() == tiny_xl_components.tokenizer_2.get_vocab()
