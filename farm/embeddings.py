@@ -19,7 +19,7 @@ import torch
 
 from farm.models import Components, file_sha256
 from farm.spec import Embedding
-from farm.text import LoadedEmbedding, PromptEncoder, PromptError
+from farm.text import LoadedEmbedding, PromptEncoder, PromptError, check_textual_inversion
 
 # .bin and .pt are pickles, read only through torch.load(weights_only=True); other suffixes
 # (A1111's embeddings hidden in .png files, say) are not supported.
@@ -34,8 +34,11 @@ def load_embeddings(
     Raises ``PromptError`` ("embeddings[i]: ...") for the first file that cannot be read or has
     changed since the job was read. Given the ``components`` (and ``long_prompt``) the vectors are
     for, a problem the model has with a file before that one (vector size, token), or with the
-    long-prompt mode, is raised instead: the order in which ``PromptEncoder`` checks them.
+    long-prompt mode, is raised instead: the order in which ``PromptEncoder`` checks them. A family
+    that takes no textual-inversion files (SDXL) is refused before any file is read.
     """
+    if components is not None and embeddings:
+        check_textual_inversion(components)
     loaded: list[LoadedEmbedding] = []
     for index, embedding in enumerate(embeddings):
         try:

@@ -10,14 +10,17 @@ import math
 
 import torch
 
-# Stable Diffusion's VAE maps 8x8 pixels to one latent with 4 channels.
+# Stable Diffusion's geometry (SD 1.x, 2.x and SDXL alike): the VAE maps 8x8 pixels to one latent
+# with 4 channels. The render core reads both from the model (Components.latent_channels, .vae_scale_factor).
 LATENT_CHANNELS = 4
 VAE_SCALE = 8
 
 
-def latent_shape(width: int, height: int) -> tuple[int, int, int]:
-    """The (C, H/8, W/8) shape of one image's latents."""
-    return (LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE)
+def latent_shape(
+    width: int, height: int, channels: int = LATENT_CHANNELS, scale: int = VAE_SCALE
+) -> tuple[int, int, int]:
+    """The (C, H / scale, W / scale) shape of one image's latents."""
+    return (channels, height // scale, width // scale)
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -25,9 +28,9 @@ def make_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def initial_noise(generator: torch.Generator, width: int, height: int) -> torch.Tensor:
-    """Unit-variance float32 noise of one image's latent shape, drawn on the CPU."""
-    return torch.randn(latent_shape(width, height), generator=generator, dtype=torch.float32)
+def initial_noise(generator: torch.Generator, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Unit-variance float32 noise of one image's latent shape (``latent_shape``), drawn on the CPU."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
@@ -62,8 +65,7 @@ def perturb(base: torch.Tensor, other: torch.Tensor, scale: float) -> torch.Tens
 
 def task_noise(
     generator: torch.Generator,
-    width: int,
-    height: int,
+    shape: tuple[int, int, int],
     variation_seed: int | None = None,
     variation_strength: float = 0.0,
     perturb_scale: float = 0.0,
@@ -73,10 +75,10 @@ def task_noise(
     The variation noise comes from a generator of its own, so the seed's generator is left
     exactly where plain rendering leaves it (ancestral steps draw from it next).
     """
-    noise = initial_noise(generator, width, height)
+    noise = initial_noise(generator, shape)
     if variation_seed is None:
         return noise
-    other = initial_noise(make_generator(variation_seed), width, height)
+    other = initial_noise(make_generator(variation_seed), shape)
     if perturb_scale:
         return perturb(noise, other, perturb_scale)
     return slerp(variation_strength, noise, other)

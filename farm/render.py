@@ -1,45 +1,34 @@
 """The denoising core: plain functions over loaded components. No Ray, no files.
 
-``render_batch`` runs the steps in order, the way a diffusers pipeline's ``__call__`` does;
-each step is a small function that later techniques extend rather than copy. Inputs arrive as
+``render_batch`` runs the steps in order, the way a diffusers pipeline's ``__call__`` does; each step
+is a small function. A technique that acts during sampling (step capture, guidance losses) is a step
+callback built before the loop from the batch's fields, as k-diffusion's ``callback`` and diffusers'
+``callback_on_step_end`` are, so ``denoise`` stays one loop; a model family contributes its
+conditioning object (``farm.conditioning``); its geometry is read from the model. Inputs arrive as
 values: init images as pixels, textual-inversion files as vectors (``farm.embeddings`` reads them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from farm.conditioning import Conditioning, TaskInputError, encode_conditioning
 from farm.losses import LossFunction, load_loss, per_image
 from farm.models import Components
-from farm.noise import make_generator, slerp, task_noise
+from farm.noise import latent_shape, make_generator, task_noise
 from farm.samplers import build_scheduler, current_sigma, is_sigma_scheduler, scheduler_config, step_kwargs, step_marks
 from farm.spec import BATCH_FIELDS, GuidanceLoss, RenderTask
-from farm.text import LoadedEmbedding, PromptEncoder, PromptError, pad_chunks
+from farm.text import LoadedEmbedding
 
 # How many latents the VAE decodes at once: its activations at full resolution dominate
 # peak memory (a 512x512 decode is ~3 GB at batch 8 in fp16), so decode in slices.
 VAE_DECODE_CHUNK = 4
-
-# Prompt encoders kept per model (one per set of textual-inversion files and long-prompt mode);
-# each holds up to text.CACHE_SIZE encoded prompts.
-ENCODERS_KEPT = 8
-
-
-class TaskInputError(ValueError):
-    """Inputs of some tasks in a batch cannot be used; ``errors`` maps batch index -> message.
-
-    Raised before any denoising, so the caller can drop those tasks (each gets a failed
-    row with its message) and render the rest of the batch.
-    """
-
-    def __init__(self, errors: dict[int, str]) -> None:
-        super().__init__("; ".join(f"task {i}: {m}" for i, m in sorted(errors.items())))
-        self.errors = errors
 
 
 @dataclass
@@ -54,84 +43,30 @@ class RenderResult:
     frames: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-@dataclass
-class Conditioning:
-    """Per-task text conditioning, padded to one sequence length for the batch."""
-
-    text: torch.Tensor  # (N, 77k, d)
-    uncond: torch.Tensor  # (N, 77k, d)
-    tokens: list[int]
-    truncated: list[bool]
+# ---------------------------------------------------------------------------------------
+# The VAE's precision
 
 
-def prompt_encoder(components: Components, embeddings: Sequence[LoadedEmbedding], long_prompt: str) -> PromptEncoder:
-    """The model's prompt encoder for these textual-inversion files and long-prompt mode, kept
-    across batches: building one copies the tokenizer, and its cache spares re-encoding a grid's
-    prompts in every batch (the embeddings are the same bits either way)."""
-    key = (tuple(e.embedding for e in embeddings), long_prompt)
-    kept = components.encoders
-    encoder = kept.pop(key, None) or PromptEncoder(components, embeddings, long_prompt)
-    kept[key] = encoder  # most recently used last
-    while len(kept) > ENCODERS_KEPT:
-        kept.pop(next(iter(kept)))
-    return encoder
+def upcasts_vae(components: Components) -> bool:
+    """diffusers' SDXL pipelines run a float16 VAE in float32 when its config says ``force_upcast``
+    (SDXL's VAE overflows in fp16); its SD pipelines never do, so SD images keep their bytes."""
+    vae = components.vae
+    return components.family == "sdxl" and vae.dtype == torch.float16 and bool(vae.config.get("force_upcast"))
 
 
-def encode_conditioning(
-    components: Components, tasks: Sequence[RenderTask], embeddings: Sequence[LoadedEmbedding] = ()
-) -> Conditioning:
-    """Each task's prompt (or prompt mix) and negative prompt as text embeddings; ``embeddings``
-    holds the vectors of the batch's textual-inversion files.
-
-    Raises ``TaskInputError`` naming every task whose prompt, token mix or embedding
-    this model cannot use.
-    """
-    first = tasks[0]
+@contextmanager
+def vae_precision(components: Components) -> Iterator[torch.dtype]:
+    """The dtype to run the VAE in while inside: its own, or float32 while ``upcasts_vae`` (as diffusers'
+    ``upcast_vae``, the module goes back to float16 on the way out)."""
+    vae = components.vae
+    if not upcasts_vae(components):
+        yield vae.dtype
+        return
+    vae.to(torch.float32)
     try:
-        encoder = prompt_encoder(components, embeddings, first.long_prompt)
-    except PromptError as exc:  # the embeddings are a batch field: every task shares the problem
-        raise TaskInputError(dict.fromkeys(range(len(tasks)), str(exc))) from exc
-    texts, unconds, tokens, truncated, errors = [], [], [], [], {}
-    empty = encoder.encode("").embeds
-    for i, task in enumerate(tasks):
-        try:
-            if task.mix:
-                parts = [encoder.encode(part.prompt) for part in task.mix]
-                text = mix_embeddings([p.embeds for p in parts], [m.weight for m in task.mix], task.mix_mode, empty)
-            else:
-                parts = [encoder.encode(task.prompt, task.token_mix)]
-                text = parts[0].embeds
-            negative = encoder.encode(task.negative_prompt)
-        except PromptError as exc:
-            errors[i] = str(exc)
-            continue
-        texts.append(text)
-        unconds.append(negative.embeds)
-        tokens.append(max(p.tokens for p in parts))
-        truncated.append(any(p.truncated for p in parts) or negative.truncated)
-    if errors:
-        raise TaskInputError(errors)
-    padded = pad_chunks(texts + unconds, empty)
-    return Conditioning(padded[: len(tasks)], padded[len(tasks) :], tokens, truncated)
-
-
-def mix_embeddings(
-    embeds: Sequence[torch.Tensor], weights: Sequence[float], mode: str, empty: torch.Tensor
-) -> torch.Tensor:
-    """Blend prompt embeddings at the text encoder's output: a weighted sum, or slerp of two.
-
-    Weight 1 on one prompt (and 0 on the rest) gives that prompt's embedding exactly.
-    Chunked long prompts of different lengths are first padded with ``empty`` chunks.
-    """
-    if len({e.shape for e in embeds}) > 1:
-        embeds = list(pad_chunks(embeds, empty).split(1))
-    if mode == "slerp":
-        w0, w1 = weights
-        return slerp(w1 / (w0 + w1) if w0 + w1 else 0.0, embeds[0], embeds[1])
-    mixed = embeds[0] * weights[0]
-    for embed, weight in zip(embeds[1:], weights[1:], strict=True):
-        mixed = mixed + embed * weight
-    return mixed
+        yield torch.float32
+    finally:
+        vae.to(torch.float16)
 
 
 def resolve_loss(loss: GuidanceLoss | None, count: int) -> tuple[GuidanceLoss, LossFunction] | None:
@@ -161,15 +96,16 @@ def encode_images(
     """Init images (H, W, 3) uint8 -> latents, sampling the VAE posterior with each task's own generator."""
     vae = components.vae
     latents = []
-    for start in range(0, len(pixels), VAE_DECODE_CHUNK):
-        chunk = np.stack(pixels[start : start + VAE_DECODE_CHUNK])
-        x = torch.from_numpy(chunk).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        with torch.no_grad():
-            dist = vae.encode(x.to(components.device, vae.dtype)).latent_dist
-        eps = torch.stack(
-            [torch.randn(dist.mean.shape[1:], generator=g) for g in generators[start : start + VAE_DECODE_CHUNK]]
-        )
-        latents.append(dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype))
+    with vae_precision(components) as dtype:
+        for start in range(0, len(pixels), VAE_DECODE_CHUNK):
+            chunk = np.stack(pixels[start : start + VAE_DECODE_CHUNK])
+            x = torch.from_numpy(chunk).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            with torch.no_grad():
+                dist = vae.encode(x.to(components.device, dtype)).latent_dist
+            eps = torch.stack(
+                [torch.randn(dist.mean.shape[1:], generator=g) for g in generators[start : start + VAE_DECODE_CHUNK]]
+            )
+            latents.append(dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype))
     return torch.cat(latents) * vae.config.scaling_factor
 
 
@@ -189,9 +125,11 @@ def prepare_latents(
     """
     first = tasks[0]
     dtype = components.unet.dtype
+    # The family's geometry, read from the model: the UNet's latent channels, the VAE's downsampling.
+    shape = latent_shape(first.width, first.height, components.latent_channels, components.vae_scale_factor)
     noise = torch.stack(
         [
-            task_noise(g, first.width, first.height, t.variation_seed, t.variation_strength, t.perturb_scale)
+            task_noise(g, shape, t.variation_seed, t.variation_strength, t.perturb_scale)
             for g, t in zip(generators, tasks, strict=True)
         ]
     ).to(components.device, dtype)
@@ -252,14 +190,134 @@ def loss_gradient(
     """
     vae = components.vae
     grads = []
-    for start in range(0, latents.shape[0], VAE_DECODE_CHUNK):
-        part = latents[start : start + VAE_DECODE_CHUNK].detach().requires_grad_()
-        with torch.enable_grad():
-            x0 = predicted_x0(scheduler, part, noise_pred[start : start + part.shape[0]], t)
-            images = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample / 2 + 0.5
-            value = per_image(loss_fn(images.float(), loss.target), part.shape[0]).sum() * loss.scale
-            grads.append(torch.autograd.grad(value, part)[0])
+    with vae_precision(components) as dtype:
+        for start in range(0, latents.shape[0], VAE_DECODE_CHUNK):
+            part = latents[start : start + VAE_DECODE_CHUNK].detach().requires_grad_()
+            with torch.enable_grad():
+                x0 = predicted_x0(scheduler, part, noise_pred[start : start + part.shape[0]], t)
+                images = vae.decode((x0 / vae.config.scaling_factor).to(dtype)).sample / 2 + 0.5
+                value = per_image(loss_fn(images.float(), loss.target), part.shape[0]).sum() * loss.scale
+                grads.append(torch.autograd.grad(value, part)[0])
     return torch.cat(grads)
+
+
+# ---------------------------------------------------------------------------------------
+# The sampling loop and its step callbacks
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What a step callback sees, as k-diffusion's callback dict: the sampler step (0-based), the
+    timestep of this UNet call, the latents and, at the step's first call, the guided noise prediction."""
+
+    scheduler: Any
+    step: int
+    t: torch.Tensor | None  # None before the first step
+    latents: torch.Tensor
+    noise_pred: torch.Tensor | None = None
+
+
+class StepCallback:
+    """A technique's hooks into ``denoise``; each does nothing unless a subclass overrides it.
+
+    Techniques count sampler steps, not UNet calls (``samplers.step_marks``): ``predicted`` runs at
+    the first call of every sampler step, ``stepped`` after the call that completes one.
+    """
+
+    def begin(self, state: StepState) -> None:
+        """Before the first step, with the starting latents."""
+
+    def predicted(self, state: StepState) -> torch.Tensor:
+        """After the guided prediction, before the scheduler steps: the latents to step from
+        (diffusers' ``callback_on_step_end`` may replace them the same way)."""
+        return state.latents
+
+    def stepped(self, state: StepState) -> None:
+        """After the scheduler call that completes the step."""
+
+
+class CaptureLatents(StepCallback):
+    """Step capture ``latents``: the starting point and the state after every step (steps + 1 frames)."""
+
+    def __init__(self) -> None:
+        self.frames: list[torch.Tensor] = []
+
+    def begin(self, state: StepState) -> None:
+        self.frames.append(viewable(state.scheduler, state.latents))
+
+    def stepped(self, state: StepState) -> None:
+        self.frames.append(viewable(state.scheduler, state.latents))
+
+
+class CaptureX0(StepCallback):
+    """Step capture ``x0``: the clean latents predicted at every step (steps frames)."""
+
+    def __init__(self) -> None:
+        self.frames: list[torch.Tensor] = []
+
+    def predicted(self, state: StepState) -> torch.Tensor:
+        self.frames.append(predicted_x0(state.scheduler, state.latents, state.noise_pred, state.t).detach().cpu())
+        return state.latents
+
+
+class LossGuidance(StepCallback):
+    """The notebook's "make it blue": every ``loss.every`` steps, move the latents down the gradient of
+    a loss on the decoded predicted x0, scaled by sigma^2 (``guidance_step_size``)."""
+
+    def __init__(self, components: Components, loss: GuidanceLoss, loss_fn: LossFunction) -> None:
+        self.components, self.loss, self.loss_fn = components, loss, loss_fn
+
+    def predicted(self, state: StepState) -> torch.Tensor:
+        if state.step % self.loss.every:
+            return state.latents
+        # noise_pred is held fixed, so the gradient flows through x0 = f(latents) and the VAE
+        # decoder only, never through the UNet.
+        grad = loss_gradient(
+            self.components, state.scheduler, state.latents, state.noise_pred, state.t, self.loss, self.loss_fn
+        )
+        return state.latents.detach() - grad * guidance_step_size(state.scheduler, state.t)
+
+
+CAPTURES: dict[str, type[CaptureLatents] | type[CaptureX0]] = {"latents": CaptureLatents, "x0": CaptureX0}
+
+
+def capture_callbacks(kinds: Sequence[str]) -> dict[str, CaptureLatents | CaptureX0]:
+    """One capture callback per kind the batch asks for (``RenderTask.capture``)."""
+    return {kind: CAPTURES[kind]() for kind in kinds}
+
+
+def step_callbacks(
+    components: Components,
+    captures: dict[str, CaptureLatents | CaptureX0],
+    loss: tuple[GuidanceLoss, LossFunction] | None,
+) -> list[StepCallback]:
+    """The batch's callbacks in the order they run: captures first, so an x0 frame shows the
+    prediction before the guidance loss moves the latents."""
+    callbacks: list[StepCallback] = list(captures.values())
+    if loss is not None:
+        callbacks.append(LossGuidance(components, *loss))
+    return callbacks
+
+
+def predict_noise(
+    components: Components,
+    scheduler: Any,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    unet_kwargs: dict[str, Any],
+    guidance: float,
+) -> torch.Tensor:
+    """The UNet's noise prediction under classifier-free guidance (Ho & Salimans, 2022): both halves in
+    one UNet batch when ``guidance`` > 1, as diffusers' pipelines run it."""
+    guided = guidance > 1.0
+    model_input = torch.cat([latents] * 2) if guided else latents
+    model_input = scheduler.scale_model_input(model_input, t)
+    with torch.no_grad():
+        noise_pred = components.unet(model_input, t, **unet_kwargs).sample
+    if not guided:
+        return noise_pred
+    noise_uncond, noise_text = noise_pred.chunk(2)
+    return noise_uncond + guidance * (noise_text - noise_uncond)
 
 
 def denoise(
@@ -270,44 +328,26 @@ def denoise(
     cond: Conditioning,
     guidance: float,
     generators: list[torch.Generator],
-    capture: Sequence[str] = (),
-    loss: tuple[GuidanceLoss, LossFunction] | None = None,
-) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-    """The sampling loop with classifier-free guidance (Ho & Salimans, 2022), an optional
-    guidance loss every ``loss.every`` steps, and optional captured latents per step.
-
-    Returns the final latents and, per capture kind, the latents to decode as frames: for
-    ``latents`` the starting point and the state after every step (steps + 1 frames), for
-    ``x0`` the prediction made at every step.
-    """
-    do_cfg = guidance > 1.0
-    context = torch.cat([cond.uncond, cond.text]) if do_cfg else cond.text
+    callbacks: Sequence[StepCallback] = (),
+) -> torch.Tensor:
+    """The sampling loop: predict, let the callbacks act, step. Returns the final latents."""
+    unet_kwargs = cond.unet_kwargs(guidance > 1.0)
     extra = step_kwargs(scheduler, generators)
-    captured: dict[str, list[torch.Tensor]] = {kind: [] for kind in capture}
-    if "latents" in captured:
-        captured["latents"].append(viewable(scheduler, latents))
     starts, ends = step_marks(scheduler, timesteps)
-    step = -1  # sampler steps started so far
+    for callback in callbacks:
+        callback.begin(StepState(scheduler, -1, None, latents))
+    step = -1  # sampler steps started so far, less one
     for i, t in enumerate(timesteps):
         step += starts[i]
-        model_input = torch.cat([latents] * 2) if do_cfg else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        with torch.no_grad():
-            noise_pred = components.unet(model_input, t, encoder_hidden_states=context).sample
-        if do_cfg:
-            noise_uncond, noise_text = noise_pred.chunk(2)
-            noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
-        if "x0" in captured and starts[i]:
-            captured["x0"].append(predicted_x0(scheduler, latents, noise_pred, t).detach().cpu())
-        if loss is not None and starts[i] and step % loss[0].every == 0:
-            # The notebook's "make it blue": noise_pred is held fixed, so the gradient flows
-            # through x0 = f(latents) and the VAE decoder only, never through the UNet.
-            grad = loss_gradient(components, scheduler, latents, noise_pred, t, *loss)
-            latents = latents.detach() - grad * guidance_step_size(scheduler, t)
+        noise_pred = predict_noise(components, scheduler, latents, t, unet_kwargs, guidance)
+        if starts[i]:
+            for callback in callbacks:
+                latents = callback.predicted(StepState(scheduler, step, t, latents, noise_pred))
         latents = scheduler.step(noise_pred, t, latents, **extra).prev_sample
-        if "latents" in captured and ends[i]:
-            captured["latents"].append(viewable(scheduler, latents))
-    return latents, captured
+        if ends[i]:
+            for callback in callbacks:
+                callback.stepped(StepState(scheduler, step, t, latents))
+    return latents
 
 
 def viewable(scheduler: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -317,21 +357,26 @@ def viewable(scheduler: Any, latents: torch.Tensor) -> torch.Tensor:
     return latents.detach().cpu()
 
 
+# ---------------------------------------------------------------------------------------
+# Decoding and the batch
+
+
 def decode_latents(components: Components, latents: torch.Tensor, chunk: int = VAE_DECODE_CHUNK) -> np.ndarray:
     """Latents -> uint8 RGB images (N, H, W, 3), decoded a few at a time to bound memory."""
     vae = components.vae
     images = []
-    for start in range(0, latents.shape[0], chunk):
-        part = latents[start : start + chunk] / vae.config.scaling_factor
-        with torch.no_grad():
-            decoded = vae.decode(part.to(vae.dtype)).sample
-        decoded = (decoded / 2 + 0.5).clamp(0, 1)
-        images.append(decoded.cpu().permute(0, 2, 3, 1).float().numpy())
+    with vae_precision(components) as dtype:
+        for start in range(0, latents.shape[0], chunk):
+            part = latents[start : start + chunk] / vae.config.scaling_factor
+            with torch.no_grad():
+                decoded = vae.decode(part.to(dtype)).sample
+            decoded = (decoded / 2 + 0.5).clamp(0, 1)
+            images.append(decoded.cpu().permute(0, 2, 3, 1).float().numpy())
     return (np.concatenate(images) * 255).round().astype(np.uint8)
 
 
 def decode_frames(components: Components, steps: list[torch.Tensor], count: int, first: RenderTask) -> np.ndarray:
-    """Captured latents (one (N, 4, h, w) per step) -> frames (steps, N, H, W, 3); none when no step ran."""
+    """Captured latents (one (N, C, h, w) per step) -> frames (steps, N, H, W, 3); none when no step ran."""
     if not steps:
         return np.empty((0, count, first.height, first.width, 3), np.uint8)
     pixels = decode_latents(components, torch.cat(steps).to(components.device))
@@ -368,9 +413,10 @@ def render_batch(
         raise ValueError("one init image (or None) per task")
     if tuple(e.embedding for e in embeddings) != first.embeddings:
         raise ValueError("embeddings: the loaded vectors of the batch's textual-inversion files, in order")
-    loss_fn = resolve_loss(first.guidance_loss, len(tasks))
+    loss = resolve_loss(first.guidance_loss, len(tasks))
 
-    # 2. Encode prompts: mixes, token mixes, textual inversion; each distinct prompt once
+    # 2. Encode the conditioning: prompts (mixes, token mixes, textual inversion; each distinct
+    #    prompt once), and the family's extras (SDXL: pooled embeddings, time ids)
     cond = encode_conditioning(components, tasks, embeddings)
 
     # 3. Prepare timesteps (img2img starts part way)
@@ -381,13 +427,15 @@ def render_batch(
     generators = [make_generator(t.seed) for t in tasks]
     latents = prepare_latents(components, scheduler, timesteps, tasks, generators, init_images)
 
-    # 5. Denoise (with the guidance loss and step capture the batch asks for)
-    latents, captured = denoise(
-        components, scheduler, timesteps, latents, cond, first.guidance, generators, first.capture, loss_fn
-    )
+    # 5. Build the step callbacks the batch asks for (step capture, guidance loss)
+    captures = capture_callbacks(first.capture)
+    callbacks = step_callbacks(components, captures, loss)
 
-    # 6. Decode (captured steps too, all frames in VAE-sized chunks)
-    frames = {kind: decode_frames(components, steps, len(tasks), first) for kind, steps in captured.items()}
+    # 6. Denoise
+    latents = denoise(components, scheduler, timesteps, latents, cond, first.guidance, generators, callbacks)
+
+    # 7. Decode (captured steps too, all frames in VAE-sized chunks)
+    frames = {kind: decode_frames(components, c.frames, len(tasks), first) for kind, c in captures.items()}
     return RenderResult(
         images=decode_latents(components, latents),
         scheduler_config=scheduler_config(scheduler),

@@ -1,10 +1,12 @@
 """The text side of the render core: prompts -> text embeddings for the UNet. No Ray, no files.
 
-Every prompt takes one path: token ids -> token embeddings (the model's table, extended by any
-textual-inversion vectors) -> optional token mixing (the notebook's puppy + skunk) -> the rest of
-the CLIP text transformer (position embeddings, causal encoder, final layer norm). Each distinct
-prompt is encoded alone, so its embedding never depends on which other prompts share a batch.
-Textual-inversion vectors arrive as tensors (``LoadedEmbedding``); ``farm.embeddings`` reads the files.
+Every prompt takes one path through each of the family's text encoders (SD: one; SDXL: two, read
+side by side): token ids -> token embeddings (the model's table, extended by any textual-inversion
+vectors) -> optional token mixing (the notebook's puppy + skunk) -> the rest of the CLIP text
+transformer (position embeddings, causal encoder) -> the hidden state of the layer the family (and
+``clip_skip``) reads. Each distinct prompt is encoded alone, so its embedding never depends on which
+other prompts share a batch. Textual-inversion vectors arrive as tensors (``LoadedEmbedding``);
+``farm.embeddings`` reads the files.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from farm.spec import LONG_PROMPT_MODES, Embedding, TokenMix
 # Distinct prompts one encoder keeps: an actor may live through a sweep of thousands of prompts,
 # and each embedding (77 x 768 in fp16, ~118 KB per chunk) sits on the GPU while cached.
 CACHE_SIZE = 256
+# SDXL's textual-inversion files hold one set of vectors per text encoder (clip_l, clip_g); farm
+# reads files of one set, so it refuses them there rather than condition one encoder only.
+SDXL_TEXTUAL_INVERSION = (
+    "embeddings: textual inversion is not supported on SDXL (its files hold vectors for two text encoders)"
+)
 
 
 class PromptError(FarmError, ValueError):
@@ -42,63 +49,121 @@ class LoadedEmbedding:
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields with == has no single truth value
 class EncodedPrompt:
-    """One prompt's text embeddings; shared through the cache, so treat ``embeds`` as read-only."""
+    """One prompt's text embeddings; shared through the cache, so treat the tensors as read-only."""
 
     embeds: torch.Tensor  # (1, 77 * chunks, d) on the components' device, in the text encoder's dtype
     tokens: int  # the prompt's token count without BOS/EOS, after textual-inversion expansion
     truncated: bool  # True when truncate mode dropped tokens
+    # SDXL: text_encoder_2's projected pooled output of the first chunk (1, p), as A1111 pools long
+    # prompts; None for a family without pooled conditioning.
+    pooled: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """A prompt as one tokenizer reads it: rows of ``max_length`` ids and the token mixes to apply."""
+
+    rows: list[list[int]]
+    mixes: list[tuple[int, int, float]]
+    tokens: int
+    truncated: bool
 
 
 # ---------------------------------------------------------------------------------------
 # The text transformer after the token-embedding lookup
 
 
-def run_text_transformer(text_encoder: Any, token_embeds: torch.Tensor) -> torch.Tensor:
-    """CLIPTextModel's forward from token embeddings (k, L, d) on -> last hidden state (k, L, d).
+def run_text_transformer(text_model: Any, token_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """CLIPTextModel's forward from token embeddings (k, L, d) on -> its hidden states, as
+    ``output_hidden_states=True`` gives them: the embeddings' output, then each encoder layer's.
 
     transformers 5 ``CLIPTextModel.forward`` accepts only ``input_ids``, so this repeats its steps
-    with its own submodules and mask helper: position embeddings, the encoder under a causal mask,
-    the final layer norm. A test holds it equal to ``text_encoder(input_ids)[0]``.
+    with its own submodules and mask helper: position embeddings, then its encoder's layers under a
+    causal mask (the loop ``CLIPEncoder.forward`` runs, keeping every layer's output). The final
+    layer norm is the caller's. A test holds it equal to ``text_encoder(input_ids, output_hidden_states=True)``.
     """
     from transformers.masking_utils import create_causal_mask
 
-    hidden = text_encoder.embeddings(inputs_embeds=token_embeds)
-    mask = create_causal_mask(
-        config=text_encoder.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
-    )
-    out = text_encoder.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True)
-    return text_encoder.final_layer_norm(out.last_hidden_state)
+    hidden = text_model.embeddings(inputs_embeds=token_embeds)
+    mask = create_causal_mask(config=text_model.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+    states = [hidden]
+    for layer in text_model.encoder.layers:
+        hidden = layer(hidden, mask, is_causal=True)
+        states.append(hidden)
+    return tuple(states)
+
+
+def pool_text(text_model: Any, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """CLIPTextModel's pooled output (k, d): the final-layer-normed state at each row's end-of-text
+    token, found by transformers' rule (its legacy ``eos_token_id == 2`` configs take the largest id)."""
+    normed = text_model.final_layer_norm(last_hidden)
+    eos = text_model.config.eos_token_id
+    marks = input_ids.int() if eos == 2 else (input_ids == eos).int()
+    return normed[torch.arange(normed.shape[0], device=normed.device), marks.argmax(dim=-1)]
+
+
+def check_textual_inversion(components: Components) -> None:
+    """PromptError where the model's family cannot take textual-inversion files (SDXL)."""
+    if components.family == "sdxl":
+        raise PromptError(SDXL_TEXTUAL_INVERSION)
+
+
+def hidden_layer(components: Components, clip_skip: int | None) -> tuple[int, bool]:
+    """Which hidden state a family reads, counted from the end, and whether the final layer norm follows.
+
+    SD reads the last layer through the final layer norm; A1111's ``clip_skip`` N reads the N-th
+    from the end instead (diffusers' ``clip_skip`` N - 1). SDXL reads the penultimate layer of both
+    encoders as is (diffusers' default); ``clip_skip`` N reads the (N + 1)-th from the end.
+    """
+    skip = 1 if clip_skip is None else clip_skip
+    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 1:
+        raise PromptError(f"clip_skip: expected a whole number from 1 (1: the last layer), got {clip_skip!r}")
+    encoders = [components.text_encoder]
+    from_end, final_norm = skip, True
+    if components.family == "sdxl":
+        encoders.append(components.text_encoder_2)
+        from_end, final_norm = skip + 1, False
+    # The hidden states are the embeddings' output and one per layer.
+    states = min(encoder.config.num_hidden_layers for encoder in encoders) + 1
+    if from_end > states:
+        raise PromptError(
+            f"clip_skip: {skip} reads past the first layer of this model's text encoder; "
+            f"expected at most {skip - from_end + states}"
+        )
+    return from_end, final_norm
 
 
 # ---------------------------------------------------------------------------------------
-# The encoder
+# One text encoder
 
 
-class PromptEncoder:
-    """Encodes prompts for one model plus its own textual-inversion tokens; caches each distinct prompt."""
+class TextTower:
+    """One tokenizer and CLIP text encoder of a prompt encoder: the hidden state it reads, its pooled
+    projection (SDXL's second encoder), and the textual-inversion rows learned for it."""
 
     def __init__(
-        self, components: Components, embeddings: Sequence[LoadedEmbedding] = (), long_prompt: str = "truncate"
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        long_prompt: str,
+        layer: tuple[int, bool],
+        own_tokenizer: bool = False,
     ) -> None:
-        if long_prompt not in LONG_PROMPT_MODES:
-            modes = ", ".join(LONG_PROMPT_MODES)
-            raise PromptError(f"long_prompt: unknown mode {long_prompt!r}; expected one of {modes}")
-        self.components = components
+        # CLIPTextModelWithProjection (SDXL's second encoder) wraps a CLIPTextModel and projects its pooled output.
+        self.text_model = getattr(text_encoder, "text_model", text_encoder)
+        self.projection = getattr(text_encoder, "text_projection", None)
         self.long_prompt = long_prompt
-        self.text_encoder = components.text_encoder
-        self.token_embedding = self.text_encoder.embeddings.token_embedding
+        self.from_end, self.final_norm = layer
+        self.token_embedding = self.text_model.embeddings.token_embedding
         # The shared tokenizer serves every other batch; only a copy learns this encoder's tokens.
-        self.tokenizer = copy.deepcopy(components.tokenizer) if embeddings else components.tokenizer
+        self.tokenizer = copy.deepcopy(tokenizer) if own_tokenizer else tokenizer
         # Ids from here on are textual-inversion tokens, looked up in `extra` rather than the model's
         # table: extending a copy of the table would duplicate ~76 MB (49408 x 768 fp16) per encoder.
-        self.first_new_id = len(components.tokenizer)
+        self.first_new_id = len(tokenizer)
         weight = self.token_embedding.weight
         self.extra = weight.new_empty((0, weight.shape[1]))
         self.expansions: dict[int, list[int]] = {}  # multi-vector trigger id -> the ids of all its vectors
-        self.max_length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
-        self.cache: OrderedDict[tuple[str, tuple[TokenMix, ...]], EncodedPrompt] = OrderedDict()
-        for index, embedding in enumerate(embeddings):
-            self.add_embedding(embedding, f"embeddings[{index}]")
+        self.max_length = min(self.tokenizer.model_max_length, self.text_model.config.max_position_embeddings)
 
     # -- textual inversion
 
@@ -170,6 +235,15 @@ class PromptEncoder:
             raise PromptError(f"{where}: {word!r} is a special token (start, end or padding); expected a word")
         return ids[0]
 
+    def prepare(self, text: str, token_mix: Sequence[TokenMix]) -> TokenRows:
+        """A prompt's rows and its token mixes, checked against this tokenizer."""
+        ids = self.prompt_ids(text)
+        # A token past the truncation point is not in the prompt the model sees.
+        kept = ids if self.long_prompt == "chunk" else ids[: self.max_length - 2]
+        mixes = self.resolve_mixes(token_mix, kept)
+        rows, truncated = self.sequences(ids)
+        return TokenRows(rows, mixes, len(ids), truncated)
+
     # -- embeddings
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -212,23 +286,89 @@ class PromptEncoder:
             out[at] = mixed.to(embeds.dtype)
         return out
 
+    def run(
+        self, rows: list[list[int]], mixes: list[tuple[int, int, float]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows (k, L) -> the hidden state this encoder is read at (k, L, d), and the projected pooled
+        output of the first row (1, p) where the encoder has a projection."""
+        # The chunks of one prompt go through together; other prompts never share this batch.
+        input_ids = torch.tensor(rows, device=self.token_embedding.weight.device)
+        with torch.no_grad():
+            token_embeds = self.apply_mixes(self.lookup(input_ids), input_ids, mixes)
+            states = run_text_transformer(self.text_model, token_embeds)
+            hidden = states[-self.from_end]
+            if self.final_norm:
+                hidden = self.text_model.final_layer_norm(hidden)
+            if self.projection is None:
+                return hidden, None
+            return hidden, self.projection(pool_text(self.text_model, states[-1][:1], input_ids[:1]))
+
+
+def text_towers(
+    components: Components, long_prompt: str, clip_skip: int | None, own_tokenizer: bool
+) -> list[TextTower]:
+    """The text encoders a family reads prompts with: SD's one, SDXL's two (the second one pools)."""
+    layer = hidden_layer(components, clip_skip)
+    towers = [TextTower(components.tokenizer, components.text_encoder, long_prompt, layer, own_tokenizer)]
+    if components.family == "sdxl":
+        towers.append(TextTower(components.tokenizer_2, components.text_encoder_2, long_prompt, layer))
+    return towers
+
+
+# ---------------------------------------------------------------------------------------
+# The encoder
+
+
+class PromptEncoder:
+    """Encodes prompts for one model (its family's text encoders, at the layer ``clip_skip`` picks)
+    plus its own textual-inversion tokens; caches each distinct prompt."""
+
+    def __init__(
+        self,
+        components: Components,
+        embeddings: Sequence[LoadedEmbedding] = (),
+        long_prompt: str = "truncate",
+        clip_skip: int | None = None,
+    ) -> None:
+        if long_prompt not in LONG_PROMPT_MODES:
+            modes = ", ".join(LONG_PROMPT_MODES)
+            raise PromptError(f"long_prompt: unknown mode {long_prompt!r}; expected one of {modes}")
+        if embeddings:
+            check_textual_inversion(components)
+        self.components = components
+        self.long_prompt = long_prompt
+        self.towers = text_towers(components, long_prompt, clip_skip, own_tokenizer=bool(embeddings))
+        self.cache: OrderedDict[tuple[str, tuple[TokenMix, ...]], EncodedPrompt] = OrderedDict()
+        for index, embedding in enumerate(embeddings):
+            self.towers[0].add_embedding(embedding, f"embeddings[{index}]")
+
+    @property
+    def tokenizer(self) -> Any:
+        """The first text encoder's tokenizer (the one textual-inversion tokens are taught to)."""
+        return self.towers[0].tokenizer
+
     def encode(self, text: str, token_mix: Sequence[TokenMix] = ()) -> EncodedPrompt:
         """Text embeddings for one prompt (1, 77 * chunks, d), encoded alone and cached per (text, token_mix)."""
         key = (text, tuple(token_mix))
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
-        ids = self.prompt_ids(text)
-        # A token past the truncation point is not in the prompt the model sees.
-        kept = ids if self.long_prompt == "chunk" else ids[: self.max_length - 2]
-        mixes = self.resolve_mixes(token_mix, kept)
-        rows, truncated = self.sequences(ids)
-        # The chunks of one prompt go through together; other prompts never share this batch.
-        input_ids = torch.tensor(rows, device=self.token_embedding.weight.device)
-        with torch.no_grad():
-            token_embeds = self.apply_mixes(self.lookup(input_ids), input_ids, mixes)
-            hidden = run_text_transformer(self.text_encoder, token_embeds)
-        encoded = EncodedPrompt(embeds=hidden.reshape(1, -1, hidden.shape[-1]), tokens=len(ids), truncated=truncated)
+        prepared = [tower.prepare(text, token_mix) for tower in self.towers]
+        # Two tokenizers may split a long prompt into different chunk counts: pad the shorter with
+        # empty chunks, as pad_chunks pads a batch's shorter prompts.
+        chunks = max(len(p.rows) for p in prepared)
+        outputs = [
+            tower.run(p.rows + tower.sequences([])[0] * (chunks - len(p.rows)), p.mixes)
+            for tower, p in zip(self.towers, prepared, strict=True)
+        ]
+        # SDXL: both encoders' hidden states side by side on the feature axis, as diffusers concatenates them.
+        hidden = torch.cat([h for h, _ in outputs], dim=-1) if len(outputs) > 1 else outputs[0][0]
+        encoded = EncodedPrompt(
+            embeds=hidden.reshape(1, -1, hidden.shape[-1]),
+            tokens=max(p.tokens for p in prepared),
+            truncated=any(p.truncated for p in prepared),
+            pooled=outputs[-1][1],
+        )
         self.cache[key] = encoded
         if len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from farm import render, samplers
 from farm.images import fit_image
-from farm.noise import initial_noise, make_generator, perturb, slerp, task_noise
+from farm.noise import initial_noise, latent_shape, make_generator, perturb, slerp, task_noise
 from farm.spec import SCHEDULERS, Batch, Embedding, GuidanceLoss, MixPart, RenderTask, TokenMix
 from farm.text import LoadedEmbedding
 
@@ -48,7 +48,7 @@ def init_pixels() -> np.ndarray:
 
 
 def test_slerp_ends_are_exact_and_the_middle_keeps_the_norm():
-    a, b = initial_noise(make_generator(1), 64, 64), initial_noise(make_generator(2), 64, 64)
+    a, b = (initial_noise(make_generator(seed), latent_shape(64, 64)) for seed in (1, 2))
     assert torch.equal(slerp(0.0, a, b), a) and torch.equal(slerp(1.0, a, b), b)
     middle = slerp(0.5, a, b)
     assert not torch.equal(middle, a) and not torch.equal(middle, b)
@@ -57,7 +57,7 @@ def test_slerp_ends_are_exact_and_the_middle_keeps_the_norm():
 
 
 def test_perturbation_keeps_unit_variance_and_scale_zero_is_the_base():
-    a, b = initial_noise(make_generator(1), 64, 64), initial_noise(make_generator(2), 64, 64)
+    a, b = (initial_noise(make_generator(seed), latent_shape(64, 64)) for seed in (1, 2))
     assert torch.equal(perturb(a, b, 0.0), a)
     mixed = perturb(a, b, 1.0)
     assert torch.allclose(mixed, (a + b) / 2**0.5)
@@ -66,8 +66,8 @@ def test_perturbation_keeps_unit_variance_and_scale_zero_is_the_base():
 
 def test_variation_noise_leaves_the_seed_generator_where_plain_rendering_does():
     plain, varied = make_generator(5), make_generator(5)
-    task_noise(plain, 64, 64)
-    task_noise(varied, 64, 64, variation_seed=9, variation_strength=0.3)
+    task_noise(plain, latent_shape(64, 64))
+    task_noise(varied, latent_shape(64, 64), variation_seed=9, variation_strength=0.3)
     assert torch.equal(torch.randn(4, generator=plain), torch.randn(4, generator=varied))
 
 
@@ -303,7 +303,7 @@ def test_strength_zero_runs_no_step_and_captures_the_start_only(tiny_components,
 def test_pndm_first_step_is_two_calls():
     # PLMS's second call corrects the first from the same sample and ignores the sample it is
     # given: a capture or a guidance step there would be lost, so both count it with call 0.
-    from farm.models import build_tiny_pipeline
+    from farm.presets import build_tiny_pipeline
 
     scheduler = samplers.build_scheduler("pndm", dict(build_tiny_pipeline().scheduler.config))
     timesteps = render.prepare_timesteps(scheduler, 6, 0, "cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from farm.spec import Embedding, TokenMix
-from farm.text import EncodedPrompt, LoadedEmbedding, PromptEncoder, PromptError, pad_chunks
+from farm.text import EncodedPrompt, LoadedEmbedding, PromptEncoder, PromptError, pad_chunks, run_text_transformer
 
 # Words that are one token in the tiny vocabulary ("cat" and "photo" are two there).
 PROMPT = "a portrait of a puppy in the snow"
@@ -271,3 +271,47 @@ def test_token_mix_on_a_token_lost_to_truncation_is_an_error(tiny_components):
         encoder.encode(prompt, (TokenMix("puppy", "skunk", 0.5),))
     chunked = PromptEncoder(tiny_components, long_prompt="chunk")
     assert chunked.encode(prompt, (TokenMix("puppy", "skunk", 0.5),)).embeds.shape[1] == 154
+
+
+# ---------------------------------------------------------------------------------------
+# The CLIP layer read (clip_skip)
+
+
+def input_ids(components, text: str) -> torch.Tensor:
+    tokenizer = components.tokenizer
+    return tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def test_hidden_states_match_the_text_encoders_own(tiny_components):
+    encoder, ids = tiny_components.text_encoder, input_ids(tiny_components, PROMPT)
+    with torch.no_grad():
+        ours = run_text_transformer(encoder, encoder.embeddings.token_embedding(ids))
+        theirs = encoder(ids, output_hidden_states=True).hidden_states
+    assert len(ours) == len(theirs) == encoder.config.num_hidden_layers + 1
+    for mine, reference_state in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, reference_state, atol=1e-6, rtol=0)
+
+
+def test_clip_skip_reads_an_earlier_layer_through_the_final_layer_norm(tiny_components):
+    default = PromptEncoder(tiny_components).encode(PROMPT).embeds
+    assert torch.equal(PromptEncoder(tiny_components, clip_skip=1).encode(PROMPT).embeds, default)
+    skipped = PromptEncoder(tiny_components, clip_skip=2).encode(PROMPT).embeds
+    encoder = tiny_components.text_encoder
+    with torch.no_grad():
+        states = encoder(input_ids(tiny_components, PROMPT), output_hidden_states=True).hidden_states
+        expected = encoder.final_layer_norm(states[-2])
+    torch.testing.assert_close(skipped, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(skipped, default)
+
+
+@pytest.mark.parametrize(
+    ("clip_skip", "message"),
+    [
+        (0, "clip_skip: expected a whole number from 1 (1: the last layer), got 0"),
+        (4, "clip_skip: 4 reads past the first layer of this model's text encoder; expected at most 3"),
+    ],
+)
+def test_clip_skip_out_of_range(tiny_components, clip_skip, message):
+    with pytest.raises(PromptError) as info:
+        PromptEncoder(tiny_components, clip_skip=clip_skip)
+    assert str(info.value) == message
