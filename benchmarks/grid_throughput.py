@@ -91,7 +91,7 @@ def load_plain_pipeline() -> Any:
     """The naive user's pipeline: from_pretrained, scheduler swapped to farm's kind."""
     from diffusers import StableDiffusionPipeline
 
-    from farm.models import ensure_tiny
+    from farm.presets import ensure_tiny
     from farm.samplers import build_scheduler
 
     pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny(), safety_checker=None, local_files_only=True)
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def benchmark(args: argparse.Namespace) -> int:
-    from farm.models import ensure_tiny
+    from farm.presets import ensure_tiny
     from farm.spec import parse_job
 
     spec = parse_job(grid_yaml(args.images, args.size, args.steps))
