@@ -44,6 +44,7 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/grid_throughput.py
 	$(BIN)/python benchmarks/steering_cost.py
+	$(BIN)/python benchmarks/families.py
 	$(BIN)/python benchmarks/animation.py
 	$(BIN)/python benchmarks/soak.py
 

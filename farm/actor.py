@@ -21,8 +21,8 @@ from farm.errors import FatalRenderError
 from farm.inputs import read_init_images
 from farm.manifest import base_row
 from farm.models import ModelError
-from farm.outputs import Producer, write_outputs
-from farm.spec import Batch, Embedding, RenderTask
+from farm.outputs import Producer, Verdicts, write_outputs
+from farm.spec import Batch, Embedding, RenderTask, SafetyCheck
 
 if TYPE_CHECKING:
     from farm.text import LoadedEmbedding
@@ -72,6 +72,7 @@ class BatchRenderer:
         allow_pickle: bool = False,
         model_config: str | None = None,
         threads: int | None = None,
+        safety_check: SafetyCheck | None = None,
     ) -> None:
         configure_torch(threads)
         import diffusers
@@ -86,6 +87,8 @@ class BatchRenderer:
         self.requested_dtype = dtype
         self.allow_pickle = allow_pickle
         self.model_config = model_config
+        self.safety_check = safety_check
+        self.checker: Any = None  # the loaded safety checker, when the job asks for one
         self.node = socket.gethostname()
         self.actor_id = _actor_id()
         self.model_ref: str | None = None
@@ -101,11 +104,27 @@ class BatchRenderer:
             # Free the old model before loading the new one; if the load fails, the next
             # batch tries again instead of finding half a state.
             self.components = None
+            self.checker = None
             self.model_ref = None
             self.embedding_sets.clear()
             resolved = models.resolve_model(model_ref, self.allow_pickle, self.model_config)
             device = models.pick_device()
-            self.components = models.load_components(resolved, device, models.pick_dtype(device, self.requested_dtype))
+            own_checker = self.safety_check is not None and self.safety_check.checker is None
+            self.components = models.load_components(
+                resolved, device, models.pick_dtype(device, self.requested_dtype), safety_checker=own_checker
+            )
+            if self.safety_check is not None:
+                from farm.safety import SafetyError, load_checker
+
+                try:
+                    self.checker = load_checker(
+                        self.safety_check.checker or self.components,
+                        device,
+                        self.components.dtype,
+                        self.allow_pickle,
+                    )
+                except SafetyError as exc:  # the same for every batch: the job cannot run as asked
+                    raise ModelError(str(exc)) from exc
             self.model_ref = model_ref
         return self.info()
 
@@ -166,6 +185,7 @@ class BatchRenderer:
         todo = [t for t in batch.tasks if t.task_id not in skip]
         errors: dict[str, str] = {}
         init_images = read_init_images(todo, self.filesystem, self.base, errors)
+        self.set_loras(todo, errors)
         embeddings = self.textual_inversion(todo, errors)
         rendered = self.render_tasks(todo, init_images, errors, embeddings)
         rows = [
@@ -176,8 +196,11 @@ class BatchRenderer:
         if rendered:
             producer = self.producer()
             for part, result, seconds in rendered:
+                verdicts = self.check_safety(result)
                 try:
-                    rows += write_outputs(self.filesystem, self.base, self.job, part, result, seconds, producer)
+                    rows += write_outputs(
+                        self.filesystem, self.base, self.job, part, result, seconds, producer, verdicts
+                    )
                 except storage.WriteFailed as exc:
                     if exc.errno in LASTING_WRITE_ERRORS:  # "cannot write <file>: <reason>"
                         stops = exc if exc.errno in RUN_STOPPING_WRITE_ERRORS else None
@@ -185,6 +208,28 @@ class BatchRenderer:
                     raise
         metrics.record_batch(self.job, self.actor_id, rows, time.perf_counter() - start)
         return rows
+
+    def set_loras(self, tasks: list[RenderTask], errors: dict[str, str]) -> None:
+        """Switch the model's LoRA adapters to the batch's set (a batch field), loading a file the
+        first time it is met; one that cannot load fails every task of the batch, with its line."""
+        from farm.loras import LoraError, apply_loras
+
+        live = [t for t in tasks if t.task_id not in errors]
+        if not live:
+            return
+        try:
+            apply_loras(self.components, live[0].loras, self.allow_pickle)
+        except LoraError as exc:
+            errors.update(dict.fromkeys((t.task_id for t in live), str(exc)))
+
+    def check_safety(self, result: Any) -> Verdicts | None:
+        """The safety checker's verdict on each rendered image and what the job does with flagged
+        ones; None when the job asked for no check."""
+        if self.checker is None or self.safety_check is None:
+            return None
+        from farm.safety import check_images
+
+        return Verdicts(check_images(self.checker, result.images), self.safety_check)
 
     def textual_inversion(self, tasks: list[RenderTask], errors: dict[str, str]) -> tuple[LoadedEmbedding, ...]:
         """The vectors of the batch's textual-inversion files (a batch field), read once per model.
@@ -260,6 +305,7 @@ class BatchRenderer:
         c = self.components
         return Producer(
             model_hash=c.model_hash,
+            model_family=c.family,
             dtype=c.dtype,
             device=c.device,
             model_config=self.model_config,

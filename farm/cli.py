@@ -185,6 +185,8 @@ def render(
             f"  start-up {summary.startup:.1f}s (Ray, {summary.actors} actor{'s' if summary.actors != 1 else ''}, "
             f"model load), then {summary.rendering_images_per_second:.2f} images/s"
         )
+    if summary.withheld:
+        click.echo(f"  withheld: {summary.withheld} flagged by the safety check (rows recorded, no image written)")
     for video, flicker in zip(summary.videos, summary.flicker, strict=True):
         click.echo(f"  video: {summary.job_root}/{video} (flicker {flicker:.2f}: mean |frame n+1 - frame n|, 0-255)")
     for message in summary.errors[:3]:

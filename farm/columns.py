@@ -22,7 +22,7 @@ from farm.spec import SCHEDULERS, Batch, RenderTask
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("task_id", pa.string(), "hash of the task's canonical JSON; the image file is images/<task_id>.png"),
     ("job", pa.string(), "job name"),
-    ("status", pa.string(), "ok or failed"),
+    ("status", pa.string(), "ok, failed, or withheld (flagged by the safety checker; no image written)"),
     ("error", pa.string(), "the error of a failed task, else null"),
     ("prompt", pa.string(), "prompt"),
     ("negative_prompt", pa.string(), "negative prompt (empty string for none)"),
@@ -55,11 +55,27 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("previous", pa.string(), "chained frame: task id of the frame before, blended into the init image, else null"),
     ("blend", pa.float64(), "chained frame: weight of the previous frame in the init image (0: the source frame)"),
     ("color_reference", pa.string(), "chained frame: task id whose LAB colours the init image takes, else null"),
+    (
+        "schedule_type",
+        pa.string(),
+        "sigma spacing as A1111 names it: automatic (the sampler's own), karras, exponential",
+    ),
+    (
+        "clip_skip",
+        pa.int32(),
+        "CLIP layer the prompt is read from (1: the last, A1111's convention); null: the family's",
+    ),
+    ("loras", pa.string(), "LoRA adapters as JSON [{path, sha256, weight}, ...], else null"),
+    ("original_size", pa.list_(pa.int32()), "SDXL micro-conditioning [height, width] of the original image, else null"),
+    ("target_size", pa.list_(pa.int32()), "SDXL micro-conditioning [height, width] of the target image, else null"),
+    ("crops_coords_top_left", pa.list_(pa.int32()), "SDXL micro-conditioning crop [top, left], else null"),
     ("model", pa.string(), "model reference as written in the job"),
+    ("model_family", pa.string(), "the model's family: sd1, sd2 (SD 2.x) or sdxl"),
     ("model_hash", pa.string(), "sha256 over the model's files"),
     ("model_config", pa.string(), "the job's model_config (configs for a single-file checkpoint), else null"),
     ("dtype", pa.string(), "torch dtype of the model (float32, float16, bfloat16)"),
     ("device", pa.string(), "torch device type (cpu, cuda)"),
+    ("nsfw", pa.bool_(), "the safety checker's verdict (job field safety_check); null when the job ran none"),
     ("batch_id", pa.string(), "hash of the task ids rendered together in one UNet batch"),
     ("batch_size", pa.int32(), "number of tasks in that batch"),
     ("batch_index", pa.int32(), "this task's position in the batch"),
@@ -81,7 +97,7 @@ SCHEMA = pa.schema([pa.field(name, dtype) for name, dtype, _ in COLUMNS])
 # Rows: the input half is known before rendering; the actor adds the outputs.
 
 # Task fields held as JSON text in the manifest (lists and mappings).
-JSON_FIELDS = ("mix", "token_mix", "embeddings", "guidance_loss")
+JSON_FIELDS = ("mix", "token_mix", "embeddings", "guidance_loss", "loras")
 
 
 def json_text(value: Any) -> str:

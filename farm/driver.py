@@ -24,8 +24,9 @@ from farm.errors import FarmError, RunFailed, Terminated
 from farm.layout import ANIMATION_FILE, IMAGES_DIR, JOB_FILE, MANIFEST_DIR, RUN_FILE, SUMMARY_FILE, random_base_of
 from farm.lock import JobLock
 from farm.manifest import failed_rows
-from farm.models import PRESETS, ModelError, resolve_model
+from farm.models import ModelError, resolve_model
 from farm.pool import ActorPlan, ActorPool, error_message, start_actors
+from farm.presets import PRESETS
 from farm.sink import FLUSH_SECONDS, RowSink, RowsNotWritten, Summary
 from farm.spec import Batch, JobSpec, RenderTask, shots
 from farm.stitch import write_shot_videos
@@ -323,6 +324,7 @@ def run_job(
                 resolve_model(model, options.allow_pickle, spec.model_config)
             except ModelError as exc:
                 raise FarmError(str(exc)) from exc
+    check_lora_files(spec, options.allow_pickle)
     label = storage.join(options.out, spec.name)  # the folder as the user named it
     check_writable(root, options.out, label)
     if lock is not None:  # the caller's: it took it and releases it
@@ -368,7 +370,14 @@ def render_locked(spec: JobSpec, options: RenderOptions, root: str, lock: JobLoc
         try:
             plan = plan_actors(ray.cluster_resources(), options)
             actors = start_actors(
-                plan, spec.name, root, first.model, options.dtype, options.allow_pickle, spec.model_config
+                plan,
+                spec.name,
+                root,
+                first.model,
+                options.dtype,
+                options.allow_pickle,
+                spec.model_config,
+                spec.safety_check,
             )
             check_inputs(spec, actors[0])
             summary.actors = len(actors)
@@ -401,6 +410,19 @@ def check_inputs(spec: JobSpec, actor: Any) -> None:
         problems = ray.get(actor.check_inputs.remote(embedding_sets, loss_names))
         if problems:
             raise FarmError(problems[0])
+
+
+def check_lora_files(spec: JobSpec, allow_pickle: bool) -> None:
+    """Refuse, before Ray starts, a LoRA that is not a .safetensors file unless pickle is allowed."""
+    if allow_pickle:
+        return
+    for entries in {spec.defaults["loras"]} | swept_values(spec, "loras"):
+        for lora in entries:
+            if not lora.path.lower().endswith(".safetensors"):
+                raise FarmError(
+                    f"loras: {lora.path} is not a .safetensors file; pickle files can run arbitrary code when "
+                    "loaded: convert it to .safetensors, or pass --allow-pickle if you trust its source"
+                )
 
 
 def swept_values(spec: JobSpec, name: str) -> set[Any]:

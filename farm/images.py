@@ -30,7 +30,23 @@ A1111_SAMPLERS = {
     "euler_a": "Euler a",
     "heun": "Heun",
     "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
+    "unipc": "UniPC",
+    "lcm": "LCM",
 }
+# Samplers whose A1111 "Automatic" schedule type is not their plain spacing (A1111 1.9+ picks Karras
+# for DPM++ 2M and DPM++ SDE, Exponential for DPM++ 2M SDE): farm's automatic is written "Uniform".
+A1111_AUTOMATIC_IS_NOT_UNIFORM = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde")
+
+
+def a1111_schedule_type(scheduler: str, schedule_type: str) -> str:
+    """A1111's "Schedule type" for farm's: Karras, Exponential, or the sampler's own spacing."""
+    if schedule_type != "automatic":
+        return schedule_type.capitalize()
+    return "Uniform" if scheduler in A1111_AUTOMATIC_IS_NOT_UNIFORM else "Automatic"
+
+
 # The most pixels an input image (an init image, an animation's source frame) may have. Inputs are
 # scaled down to the task's size anyway, but Pillow decodes one whole first: a 13000x13000 PNG of
 # 20 KB costs about 0.8 GB in the actor that opens it (measured), and passes Pillow's own limit
@@ -61,6 +77,14 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         fields += [f"Variation seed: {task['variation_seed']}", f"Variation seed strength: {strength:g}"]
     if task.get("strength") is not None:
         fields.append(f"Denoising strength: {task['strength']:g}")
+    if task.get("schedule_type", "automatic") != "automatic" or task["scheduler"] in A1111_AUTOMATIC_IS_NOT_UNIFORM:
+        fields.append(
+            f"Schedule type: {a1111_schedule_type(task['scheduler'], task.get('schedule_type', 'automatic'))}"
+        )
+    if task.get("clip_skip") is not None:
+        fields.append(f"Clip skip: {task['clip_skip']}")
+    if meta.get("lora_hashes"):
+        fields.append(f'Lora hashes: "{meta["lora_hashes"]}"')
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -164,3 +188,22 @@ def fit_image(data: bytes, width: int, height: int) -> np.ndarray:
     if rgb.size != (width, height):
         rgb = ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
     return np.asarray(rgb, dtype=np.uint8)
+
+
+# Pixels per side a safety-blurred image keeps before it is scaled back up: a 512-pixel image becomes
+# an 8x8 grid of averaged colours smoothed into each other, which shows no face, body or text.
+BLUR_CELLS = 8
+
+
+def blur(image: np.ndarray) -> np.ndarray:
+    """The image averaged down to BLUR_CELLS pixels a side and smoothly scaled back: same shape, unrecognisable."""
+    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise ValueError(f"expected an (H, W) or (H, W, C) uint8 image, got {image.shape} {image.dtype}")
+    height, width = image.shape[:2]
+    scale = min(1.0, BLUR_CELLS / max(height, width))
+    small = (max(1, round(width * scale)), max(1, round(height * scale)))
+    picture = Image.fromarray(image)
+    # BOX averages every source pixel into its cell (no detail survives by aliasing); BILINEAR
+    # back up smooths the cells' edges, which would otherwise outline shapes.
+    blurred = picture.resize(small, Image.Resampling.BOX).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(blurred, dtype=np.uint8).reshape(image.shape).copy()

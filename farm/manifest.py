@@ -39,6 +39,8 @@ TABLE_NAME = "manifest"
 OK = "status = 'ok'"
 IMAGES = "capture IS NULL"
 OK_IMAGES = f"{OK} AND {IMAGES}"
+# A task the job's safety check withheld: rendered and recorded, no image written; a resume skips it.
+WITHHELD_IMAGES = f"status = 'withheld' AND {IMAGES}"
 T = TypeVar("T")
 
 
@@ -265,12 +267,13 @@ def ok_task_ids(job_root: str) -> set[str]:
 
 def done_task_ids(job_root: str) -> set[str]:
     """What a resumed run skips: tasks whose latest image row is ok and whose image file is
-    there, so a deleted image is rendered again. The images folder is listed once (one call,
-    not one per task: on an object store each is a request)."""
+    there, so a deleted image is rendered again, and tasks the job's safety check withheld. The
+    images folder is listed once (one call, not one per task: on an object store each is a request)."""
     filesystem, base = storage.open_root(job_root)
     rows = _sql(filesystem, base, f"SELECT task_id, image_path FROM {TABLE_NAME} WHERE {OK_IMAGES}").to_pylist()
     present = files_under(filesystem, base, IMAGES_DIR)
-    return {r["task_id"] for r in rows if r["image_path"] in present}
+    withheld = _sql(filesystem, base, f"SELECT task_id FROM {TABLE_NAME} WHERE {WITHHELD_IMAGES}")
+    return {r["task_id"] for r in rows if r["image_path"] in present} | set(withheld.column("task_id").to_pylist())
 
 
 def files_under(filesystem: pafs.FileSystem, base: str, folder: str) -> set[str]:

@@ -7,17 +7,20 @@ back to the caller, which hands them on only once every file of the batch is wri
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from farm import storage
-from farm.images import encode_png, sha256_bytes
+from farm.images import blur, encode_png, sha256_bytes
 from farm.layout import frame_relpath
+from farm.loras import a1111_lora_hashes
 from farm.manifest import base_row, json_text
-from farm.spec import Batch
+from farm.spec import Batch, SafetyCheck
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
@@ -26,10 +29,19 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Verdicts:
+    """The safety checker's verdict on each image of a batch (True: flagged) and the job's action."""
+
+    flagged: list[bool]
+    check: SafetyCheck  # the job's: the action on a flagged image, and whose checker ran
+
+
+@dataclass(frozen=True)
 class Producer:
     """What rendered a batch: the output columns every ok row of an actor shares."""
 
     model_hash: str
+    model_family: str
     dtype: str
     device: str
     model_config: str | None
@@ -47,12 +59,18 @@ def write_outputs(
     result: RenderResult,
     seconds: float,
     producer: Producer,
+    verdicts: Verdicts | None = None,
 ) -> list[dict[str, Any]]:
     """Write every image and captured frame of a rendered batch, and return their rows (frames'
-    rows carry ``capture`` and ``step_index``). ``seconds`` is the render time per image."""
+    rows carry ``capture`` and ``step_index``). ``seconds`` is the render time per image.
+
+    With ``verdicts`` (the job's safety check), rows record ``nsfw``; a flagged image and its
+    frames are blurred, or withheld: nothing written, a ``withheld`` row without an image path.
+    """
     outputs = {
         "status": "ok",
         "model_hash": producer.model_hash,
+        "model_family": producer.model_family,
         "dtype": producer.dtype,
         "device": producer.device,
         "scheduler_config": json_text(result.scheduler_config),
@@ -77,18 +95,37 @@ def write_outputs(
             "dtype": producer.dtype,
             "scheduler_config": result.scheduler_config,
         }
-        row["image_sha256"] = write_png(filesystem, base, row["image_path"], result.images[index], meta)
+        if task.loras:
+            meta["lora_hashes"] = a1111_lora_hashes(task.loras)
+        flagged = verdicts is not None and verdicts.flagged[index]
+        if verdicts is not None:  # the PNG says how it was checked, so farm reproduce checks it again
+            row["nsfw"] = flagged
+            meta.update(nsfw=flagged, safety_check=dataclasses.asdict(verdicts.check))
+        if flagged and verdicts.check.action == "withhold":
+            rows.append(row | {"status": "withheld", "image_path": None})
+            continue
+        cover = blur if flagged and verdicts.check.action == "blur" else None
+        row["image_sha256"] = write_png(filesystem, base, row["image_path"], result.images[index], meta, cover)
         rows.append(row)
         for kind, frames in result.frames.items():
             for step_index, pixels in enumerate(frames[:, index]):
                 path = frame_relpath(task.task_id, kind, step_index)
-                sha = write_png(filesystem, base, path, pixels, meta | {"capture": kind, "step_index": step_index})
+                step_meta = meta | {"capture": kind, "step_index": step_index}
+                sha = write_png(filesystem, base, path, pixels, step_meta, cover)
                 rows.append(row | {"capture": kind, "step_index": step_index, "image_path": path, "image_sha256": sha})
     return rows
 
 
-def write_png(filesystem: FileSystem, base: str, relpath: str, pixels: np.ndarray, meta: dict[str, Any]) -> str:
-    """Encode pixels with their metadata as a PNG at ``relpath`` under ``base``; its sha256."""
-    data = encode_png(pixels, meta)
+def write_png(
+    filesystem: FileSystem,
+    base: str,
+    relpath: str,
+    pixels: np.ndarray,
+    meta: dict[str, Any],
+    cover: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> str:
+    """Encode pixels (through ``cover`` first, e.g. the safety blur) with their metadata as a PNG at
+    ``relpath`` under ``base``; its sha256."""
+    data = encode_png(pixels if cover is None else cover(pixels), meta)
     storage.write_bytes(filesystem, storage.join(base, relpath), data)
     return sha256_bytes(data)

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from farm.actor import BatchRenderer
 from farm.errors import FarmError, FatalRenderError
-from farm.spec import Batch
+from farm.spec import Batch, SafetyCheck
 
 # One batch rendering and one queued per actor: the actor never waits for the driver, and
 # no more than two batches of work are lost with it if it dies.
@@ -51,6 +51,7 @@ def start_actors(
     dtype: str,
     allow_pickle: bool,
     model_config: str | None,
+    safety_check: SafetyCheck | None = None,
 ) -> list[Any]:
     """Start the render actors; each loads ``model_ref`` before any batch.
 
@@ -70,7 +71,7 @@ def start_actors(
         max_task_retries=0,
     )(BatchRenderer)
     actors = [
-        remote.remote(job, job_root, model_ref, dtype, allow_pickle, model_config, plan.threads)
+        remote.remote(job, job_root, model_ref, dtype, allow_pickle, model_config, plan.threads, safety_check)
         for _ in range(plan.count)
     ]
     try:  # the model loads in each actor's __init__: ready() answers once it has, or raises why not

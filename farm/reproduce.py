@@ -31,7 +31,7 @@ from farm import storage
 from farm.errors import FarmError
 from farm.images import decode_rgb, encode_png, read_png_metadata, sha256_bytes
 from farm.layout import MANIFEST_DIR, frame_relpath, image_relpath
-from farm.spec import Batch, RenderTask
+from farm.spec import Batch, RenderTask, SafetyCheck
 
 # Fields of the PNG's ``farm`` chunk that describe where the image sat in its batch.
 PLACEMENT_FIELDS = ("batch_id", "batch_size", "batch_index")
@@ -132,6 +132,7 @@ def reproduce_task(
         recorded_hash=row["model_hash"],
         recorded_device=row["device"],
         job_root=job_root,
+        safety_check=recorded_safety_check(recorded),
     )
     return _compare(
         task_id,
@@ -204,6 +205,7 @@ def reproduce_image(
         recorded_device=None,
         # A chained animation frame reads the frames it names from its own job folder.
         job_root=str(Path(png_path).resolve().parent.parent) if capture is None else None,
+        safety_check=recorded_safety_check(recorded),
     )
     if recorded_batch_size != 1:
         new_meta = read_png_metadata(new)
@@ -234,6 +236,7 @@ def _render(
     recorded_hash: str | None,
     recorded_device: str | None,
     job_root: str | None = None,
+    safety_check: SafetyCheck | None = None,
 ) -> bytes:
     """Render a batch in this process into a temporary folder; the bytes of task_id's PNG at relpath.
 
@@ -253,7 +256,14 @@ def _render(
             model = batch.tasks[0].model
             try:
                 renderer = BatchRenderer(
-                    "reproduce", folder, model, dtype, allow_pickle, model_config, 1 if device == "cpu" else None
+                    "reproduce",
+                    folder,
+                    model,
+                    dtype,
+                    allow_pickle,
+                    model_config,
+                    1 if device == "cpu" else None,
+                    safety_check,
                 )
             except ModelError as exc:  # its message names the model already
                 raise ReproduceError(str(exc)) from exc
@@ -276,6 +286,16 @@ def _render(
             return Path(folder, relpath).read_bytes()
     finally:
         torch.set_num_threads(threads)
+
+
+def recorded_safety_check(png: bytes) -> SafetyCheck | None:
+    """The safety check an image was rendered under, from its PNG (None: none ran), so the new
+    render is checked (and a flagged one blurred) as the recorded one was."""
+    try:
+        recorded = read_png_metadata(png).get("safety_check")
+        return None if recorded is None else SafetyCheck(**recorded)
+    except (ValueError, TypeError):  # no farm chunk, or not the fields SafetyCheck has
+        return None
 
 
 def copy_inputs(batch: Batch, job_root: str | None, folder: str) -> None:

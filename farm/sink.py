@@ -32,6 +32,8 @@ from farm.spec import Batch
 # so a crash loses little and a big job does not make thousands of tiny part files.
 FLUSH_SECONDS = 5.0
 FLUSH_ROWS = 512
+# Row statuses that finish a task: rendered, or rendered and withheld by the job's safety check.
+DONE_STATUSES = ("ok", "withheld")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Summary:
     rendered: int = 0
     skipped: int = 0
     failed: int = 0
+    withheld: int = 0  # flagged by the job's safety check: done, no image written
     elapsed: float = 0.0
     startup: float = 0.0  # Ray start + actor start and model load, within elapsed
     actors: int = 0
@@ -67,6 +70,7 @@ class Summary:
             "rendered": self.rendered,
             "skipped": self.skipped,
             "failed": self.failed,
+            **({"withheld": self.withheld} if self.withheld else {}),
             "elapsed_s": round(self.elapsed, 3),
             "images_per_s": round(self.images_per_second, 3),
             "startup_s": round(self.startup, 3),
@@ -137,13 +141,16 @@ class RowSink:
         """Take a batch's rows: buffer them and count its images (a retry's repeats are dropped)."""
         fresh = [r for r in rows if r["task_id"] not in self.done]
         images = [r for r in fresh if r.get("capture") is None]  # the rest are step captures
-        self.done.update(r["task_id"] for r in images if r["status"] == "ok")
+        self.done.update(r["task_id"] for r in images if r["status"] in DONE_STATUSES)
         self.buffer.extend(fresh)
         ok = sum(r["status"] == "ok" for r in images)
+        withheld = sum(r["status"] == "withheld" for r in images)
         summary = self.summary
         summary.rendered += ok
-        summary.failed += len(images) - ok
-        summary.errors.extend(r["error"] for r in images if r["status"] != "ok" and r["error"] not in summary.errors)
+        summary.withheld += withheld
+        summary.failed += len(images) - ok - withheld
+        failures = (r["error"] for r in images if r["status"] == "failed")
+        summary.errors.extend(error for error in failures if error not in summary.errors)
         self.bar.update(len(images))
 
     def due_at(self) -> float | None:

@@ -161,9 +161,9 @@ CASES = [
     ),
     ("model_hub_not_cached", b"model: nobody-here/no-such-model\n", "model 'nobody-here/no-such-model' is not in"),
     (
-        "model_sdxl_folder",
-        b"model: {files}/sdxl\n",
-        "model '{files}/sdxl': pipeline StableDiffusionXLPipeline is not one farm renders",
+        "model_sd3_folder",
+        b"model: {files}/sd3\n",
+        "model '{files}/sd3': pipeline StableDiffusion3Pipeline is not one farm renders",
     ),
     ("init_image_missing", b"defaults: {init_image: missing.png}\n", "defaults.init_image: no such file: missing.png"),
     (
@@ -311,8 +311,8 @@ def folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     (files / "empty_dir").mkdir(parents=True)
     (files / "init.png").write_bytes(b"an image")
     (files / "big.png").write_bytes(BIG_PNG)
-    (files / "sdxl").mkdir()
-    (files / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (files / "sd3").mkdir()
+    (files / "sd3" / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     (files / "notes.txt").write_text("not a model")
     (files / "model.ckpt").write_bytes(b"a pickle")
     (files / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 and then nothing")

@@ -24,6 +24,8 @@ DOCUMENTED_JOBS = {
     "trajectory": ("steering.md", "Step capture"),
     "animate": ("animation.md", "Animate"),
     "walk": ("animation.md", "Walk"),
+    "sdxl": ("models.md", "SDXL"),
+    "lora": ("models.md", "LoRA"),
 }
 UNDOCUMENTED_JOBS = {"demo", "shiba"}
 

@@ -21,7 +21,9 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("models", "presets"), 2),  # references (their torch half is imported inside functions)
     "spec": 3,  # values
     **dict.fromkeys(("layout", "columns", "manifest", "lock"), 4),  # records
-    **dict.fromkeys(("noise", "text", "embeddings", "losses", "samplers", "loras", "safety", "render"), 5),  # model
+    **dict.fromkeys(
+        ("noise", "text", "conditioning", "embeddings", "losses", "samplers", "loras", "safety", "render"), 5
+    ),  # model
     **dict.fromkeys(("actor", "inputs", "outputs"), 6),  # work
     **dict.fromkeys(("driver", "pool", "sink"), 7),  # run
     **dict.fromkeys(("reproduce", "stitch", "sheets", "report", "verify"), 8),  # results

@@ -6,6 +6,8 @@ diffusers. Its modules, each importing only those above it in this list:
 - ``task``: RenderTask, Batch, the small values a task holds, the field-name tuples, task ids.
 - ``fields``: SpecError, limits and name lists, the checks and parsers of one value.
 - ``animation``: the ``animate:`` and ``walk:`` sections -> an Animation's per-frame fields.
+- ``files``: the files a job names (init images, textual inversion, LoRAs) made absolute and hashed.
+- ``family``: what a job's models decide (native size, SDXL's micro-conditioning, refused fields).
 - ``job``: the job file and its sections -> JobSpec, sweep expansion, checks across fields.
 
 Callers import from here (``from farm.spec import RenderTask, load_job``); the names below
@@ -25,16 +27,22 @@ from farm.spec.fields import (
     KINDS,
     LONG_PROMPT_MODES,
     MAX_AXIS_VALUES,
+    MAX_CLIP_SKIP,
+    MAX_LORA_WEIGHT,
     MAX_PERTURB_SCALE,
     MAX_SEED,
     MAX_SIZE,
     MAX_STEPS,
     MAX_TASKS,
     MIX_MODES,
+    SAFETY_ACTIONS,
+    SCHEDULE_TYPES,
+    SCHEDULE_TYPES_OF,
     SCHEDULERS,
     SpecError,
     check_technique,
     check_value,
+    schedule_type_error,
 )
 from farm.spec.job import (
     DEFAULTS,
@@ -59,9 +67,11 @@ from farm.spec.task import (
     Batch,
     Embedding,
     GuidanceLoss,
+    Lora,
     MixPart,
     RandomSlot,
     RenderTask,
+    SafetyCheck,
     SeedStep,
     TokenMix,
     random_seed,
@@ -88,7 +98,12 @@ __all__ = [
     "MAX_SIZE",
     "MAX_STEPS",
     "MAX_TASKS",
+    "MAX_CLIP_SKIP",
+    "MAX_LORA_WEIGHT",
     "MIX_MODES",
+    "SAFETY_ACTIONS",
+    "SCHEDULE_TYPES",
+    "SCHEDULE_TYPES_OF",
     "SCHEDULERS",
     "SEED_FIELDS",
     "TASK_FIELDS",
@@ -99,9 +114,11 @@ __all__ = [
     "Embedding",
     "GuidanceLoss",
     "JobSpec",
+    "Lora",
     "MixPart",
     "RandomSlot",
     "RenderTask",
+    "SafetyCheck",
     "SeedStep",
     "SpecError",
     "TokenMix",
@@ -113,6 +130,7 @@ __all__ = [
     "parse_job",
     "random_seed",
     "resolve_img2img",
+    "schedule_type_error",
     "shots",
     "sweep_values",
 ]

@@ -23,16 +23,16 @@ from farm.models import farm_home, file_sha256
 from farm.schedules import ScheduleError, parse_keyed_prompts, parse_schedule, prompt_at
 from farm.spec.fields import (
     ANIMATION_MODES,
-    MAX_MIX_WEIGHT,
     MAX_SEED,
     SpecError,
     check_value,
     choice,
+    entry_weight,
     flag,
     is_number,
-    number,
     show,
     whole,
+    with_entry_weight,
 )
 from farm.spec.task import INT_FIELDS, Animation, MixPart, SeedStep
 
@@ -250,26 +250,25 @@ def _apply_schedules(kind: str, schedules: Any, defaults: dict[str, Any], swept:
         raise SpecError(f'{kind}.schedules: expected a mapping of field -> schedule, like strength: "0:(0.65)"')
     for name, text in schedules.items():
         where = f"{kind}.schedules.{name}"
-        mix_index = _mix_index(name)
-        if name not in SCHEDULE_FIELDS and mix_index is None:
+        entry = entry_weight(name)
+        if name not in SCHEDULE_FIELDS and entry is None:
             raise SpecError(
-                f"{where}: not a field a schedule can drive; expected one of {', '.join(SCHEDULE_FIELDS)} "
-                "or mix.N.weight"
+                f"{where}: not a field a schedule can drive; expected one of {', '.join(SCHEDULE_FIELDS)}, "
+                "mix.N.weight or loras.N.weight"
             )
-        if name in swept or (mix_index is not None and "mix" in swept):
-            raise SpecError(f"{where}: {name.split('.')[0]} is also swept; schedule it or sweep it")
-        if name in frames[0] or (mix_index is not None and "mix" in frames[0]):
-            raise SpecError(f"{where}: this {kind} job already sets {name.split('.')[0]} on every frame")
+        field_name = name if entry is None else entry[0]
+        if name in swept or field_name in swept:
+            raise SpecError(f"{where}: {field_name} is also swept; schedule it or sweep it")
+        if name in frames[0] or field_name in frames[0]:
+            raise SpecError(f"{where}: this {kind} job already sets {field_name} on every frame")
         schedule = _schedule(where, text)
-        if mix_index is not None:
-            mix = defaults["mix"]
-            if mix_index >= len(mix):
-                raise SpecError(f"{where}: defaults.mix has {len(mix)} entries (numbered from 0)")
+        if entry is not None:
+            entries = defaults[field_name]
+            if entry[1] >= len(entries):
+                raise SpecError(f"{where}: defaults.{field_name} has {len(entries)} entries (numbered from 0)")
             for k, frame in enumerate(frames):
-                weight = number(schedule.value_at(k), f"{where} (frame {k})", -MAX_MIX_WEIGHT, MAX_MIX_WEIGHT)
-                frame["mix"] = tuple(
-                    MixPart(p.prompt, weight) if i == mix_index else p for i, p in enumerate(frame.get("mix", mix))
-                )
+                weight = check_value(name, round(schedule.value_at(k), 10), f"{where} (frame {k})")
+                frame[field_name] = with_entry_weight(frame.get(field_name, entries), entry[1], weight)
             continue
         for k, frame in enumerate(frames):
             # Rounded as range and linspace values are: 0.575, not 0.5750000000000001.
@@ -347,13 +346,6 @@ def _schedule(where: str, text: Any):
         return parse_schedule(text)
     except ScheduleError as exc:
         raise SpecError(f"{where}: {exc}") from exc
-
-
-def _mix_index(name: str) -> int | None:
-    parts = name.split(".") if isinstance(name, str) else []
-    if len(parts) == 3 and parts[0] == "mix" and parts[1].isdigit() and parts[2] == "weight":
-        return int(parts[1])
-    return None
 
 
 def _seed(value: Any, where: str) -> int:

@@ -9,20 +9,52 @@ expected; tests assert on that text, so the wording here is part of the interfac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import reprlib
 from typing import Any
 
 from farm.errors import FarmError
-from farm.models import PRESETS, is_known_model_ref
-from farm.spec.task import INT_FIELDS, PAIR_FIELDS, Embedding, GuidanceLoss, Lora, MixPart, TokenMix
+from farm.models import is_known_model_ref
+from farm.presets import PRESETS
+from farm.spec.task import INT_FIELDS, PAIR_FIELDS, Embedding, GuidanceLoss, Lora, MixPart, SafetyCheck, TokenMix
 
 # Names a job may use; samplers.py maps each to its diffusers class (a test keeps both in step).
-SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm")
+SCHEDULERS = (
+    "ddim",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_sde",
+    "unipc",
+    "lcm",
+)
 # How a scheduler spaces its sigmas, as A1111's "Schedule type" names it: automatic is the
 # scheduler's own spacing (diffusers' default), karras and exponential its use_*_sigmas options.
 SCHEDULE_TYPES = ("automatic", "karras", "exponential")
+# The schedule types each sampler takes: karras and exponential set diffusers' use_karras_sigmas /
+# use_exponential_sigmas, which only the schedulers that space sigmas themselves have (their __init__
+# arguments in diffusers 0.42; tests/test_samplers.py checks this table against them).
+SCHEDULE_TYPES_OF: dict[str, tuple[str, ...]] = {
+    "ddim": ("automatic",),
+    "pndm": ("automatic",),
+    "lms": ("automatic", "karras", "exponential"),
+    "euler": ("automatic", "karras", "exponential"),
+    "euler_a": ("automatic",),
+    "heun": ("automatic", "karras", "exponential"),
+    "dpmpp_2m": ("automatic", "karras", "exponential"),
+    "dpmpp_2m_sde": ("automatic", "karras", "exponential"),
+    "dpmpp_sde": ("automatic", "karras", "exponential"),
+    "unipc": ("automatic", "karras", "exponential"),
+    "lcm": ("automatic",),
+}
+# LCM distils a 50-step schedule (its original_inference_steps): diffusers refuses more steps.
+MAX_LCM_STEPS = 50
 # A1111 lets clip skip go to 12, the layer count of SD 1.x's text encoder; past the encoder's own
 # depth a task fails when it renders (the encoder is known only then).
 MAX_CLIP_SKIP = 12
@@ -30,6 +62,8 @@ MAX_CLIP_SKIP = 12
 MAX_LORA_WEIGHT = 10.0
 # A1111's extra-networks tag in a prompt (<lora:name:weight>, <lyco:...>): farm would render it as
 # words, so a prompt holding one is refused with the loras: entry to write instead.
+# What a job's safety check does with a flagged image (docs/models.md, "Safety checker").
+SAFETY_ACTIONS = ("keep", "blur", "withhold")
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?[^>]*>", re.IGNORECASE)
 # grid: the sweep as written; perturb: one base seed x variation seeds x strengths;
 # trajectory: every step captured (docs/steering.md); animate: img2img over a clip's
@@ -91,6 +125,12 @@ CHOICE_FIELDS: dict[str, tuple[str, ...]] = {
 MAX_MIX_WEIGHT = 10.0
 
 
+# One entry's weight in a list-valued field, swept or scheduled on its own: ``loras.0.weight``
+# (and ``mix.1.weight``), the dotted form A1111-style X/Y plots of a LoRA's weight need.
+ENTRY_WEIGHT = re.compile(r"^(loras|mix)\.(\d{1,3})\.weight$")
+ENTRY_WEIGHT_LIMITS = {"loras": MAX_LORA_WEIGHT, "mix": MAX_MIX_WEIGHT}
+
+
 class SpecError(FarmError):
     """A problem with a job spec, phrased for the user: names the field and what is expected."""
 
@@ -130,6 +170,27 @@ def check_value(key: str, value: Any, where: str) -> Any:
             )
         return value
     return check_technique(key, value, where)
+
+
+def schedule_type_error(name: str, schedule_type: str) -> str | None:
+    """The one-line reason sampler ``name`` cannot take ``schedule_type``, or None when it can."""
+    if schedule_type in SCHEDULE_TYPES_OF[name]:
+        return None
+    if schedule_type not in SCHEDULE_TYPES:
+        return f"unknown schedule type {schedule_type!r}; expected {', '.join(SCHEDULE_TYPES)}"
+    takers = [n for n, types in SCHEDULE_TYPES_OF.items() if schedule_type in types]
+    return f"sampler {name} has no {schedule_type} schedule type; samplers with one: {', '.join(takers)}"
+
+
+def entry_weight(key: str) -> tuple[str, int] | None:
+    """(field, index) for a dotted entry-weight key like ``loras.0.weight``, else None."""
+    match = ENTRY_WEIGHT.fullmatch(key) if isinstance(key, str) else None
+    return None if match is None else (match.group(1), int(match.group(2)))
+
+
+def with_entry_weight(entries: tuple, index: int, weight: float) -> tuple:
+    """``entries`` (LoRAs or mix parts) with entry ``index`` given ``weight``."""
+    return tuple(dataclasses.replace(e, weight=weight) if i == index else e for i, e in enumerate(entries))
 
 
 def check_technique(key: str, value: Any, where: str) -> Any:
@@ -174,6 +235,9 @@ def check_technique(key: str, value: Any, where: str) -> Any:
         if len(set(kinds)) != len(kinds):
             raise SpecError(f"{where}: each kind once")
         return tuple(kinds)
+    if entry_weight(key) is not None:
+        limit = ENTRY_WEIGHT_LIMITS[key.split(".")[0]]
+        return number(value, where, -limit, limit)
     if key == "clip_skip":
         return None if value is None else whole(value, where, 1, MAX_CLIP_SKIP)
     if key == "loras":
@@ -348,6 +412,20 @@ def _parse_pair(key: str, value: Any, where: str) -> tuple[int, int]:
     return (
         whole(value[0], f"{where}[0]", low, 1_000_000, expected),
         whole(value[1], f"{where}[1]", low, 1_000_000, expected),
+    )
+
+
+def parse_safety_check(value: Any, where: str = "safety_check") -> SafetyCheck | None:
+    """``safety_check: blur`` (an action), or {action, checker}; false or nothing: no check."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, str):
+        return SafetyCheck(action=choice(value, where, SAFETY_ACTIONS))
+    item = _mapping(value, where, ("action", "checker"), ())
+    checker = item.get("checker")
+    return SafetyCheck(
+        action=choice(item.get("action", "blur"), f"{where}.action", SAFETY_ACTIONS),
+        checker=None if checker is None else _text(checker, f"{where}.checker"),
     )
 
 

@@ -21,23 +21,30 @@ from typing import Any
 
 import yaml
 
-from farm.models import file_sha256
+from farm.models import ModelFacts
 from farm.spec.animation import parse_animation
+from farm.spec.family import apply_family_defaults, check_families, read_families
 from farm.spec.fields import (
     ANIMATION_KINDS,
     CAPTURE_KINDS,
     DEFAULT_STRENGTH,
     KINDS,
     MAX_AXIS_VALUES,
+    MAX_LCM_STEPS,
     MAX_SEED,
     MAX_TASKS,
     NAME,
     SpecError,
     check_value,
+    entry_weight,
     is_finite,
+    parse_safety_check,
+    schedule_type_error,
     show,
     whole,
+    with_entry_weight,
 )
+from farm.spec.files import resolve_files, resolve_folder
 from farm.spec.task import (
     BATCH_FIELDS,
     CORE_FIELDS,
@@ -46,10 +53,10 @@ from farm.spec.task import (
     TASK_FIELDS,
     USER_FIELDS,
     Animation,
-    Embedding,
     MixPart,
     RandomSlot,
     RenderTask,
+    SafetyCheck,
     SeedStep,
     random_seed,
 )
@@ -67,9 +74,12 @@ TOP_LEVEL_FIELDS = (
     "perturb",
     "animate",
     "walk",
+    "safety_check",
 )
 # Fields tied together by check_task_fields.
 CROSS_FIELDS = {
+    "scheduler",
+    "schedule_type",
     "variation_seed",
     "variation_strength",
     "perturb_scale",
@@ -90,8 +100,9 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "steps": 20,
     "guidance": 7.5,
-    "width": 512,
-    "height": 512,
+    # None: the model's native size (family.apply_family_defaults).
+    "width": None,
+    "height": None,
     **{f.name: f.default for f in dataclasses.fields(RenderTask) if f.name not in CORE_FIELDS},
     # None until resolve_img2img: "not given", so strength's default can apply.
     "start_step": None,
@@ -115,6 +126,9 @@ class JobSpec:
     # sha256 of every init image the job names (path -> hash), taken when the job is read.
     hashes: dict[str, str] = field(default_factory=dict, repr=False)
     animation: Animation | None = None
+    # What each model's files say (family, native size), read with the job (family.read_families).
+    facts: dict[str, ModelFacts | None] = field(default_factory=dict, repr=False)
+    safety_check: SafetyCheck | None = None
 
     @property
     def frames_per_shot(self) -> int:
@@ -157,6 +171,8 @@ class JobSpec:
                 if isinstance(fields["seed"], SeedStep):
                     offset = fields["seed"].offset
                     fields["seed"] = (_resolved_seed(shot["seed"], random_base) + offset) % (MAX_SEED + 1)
+                apply_entry_weights(fields)
+                apply_family_defaults(fields, self.facts)
                 resolve_img2img(fields, self.hashes)
                 if chained and previous is not None and first is not None:
                     fields.update(previous=previous.task_id)
@@ -179,6 +195,13 @@ def shots(spec: JobSpec, tasks: Iterable[RenderTask]) -> Iterator[list[RenderTas
         if len(shot) == spec.frames_per_shot:
             yield shot
             shot = []
+
+
+def apply_entry_weights(fields: dict[str, Any]) -> None:
+    """Swept entry weights (``loras.0.weight``) -> the weight of that entry of the field."""
+    for key in [k for k in fields if "." in k]:
+        name, index = entry_weight(key)  # type: ignore[misc]  # only such keys have dots
+        fields[name] = with_entry_weight(fields[name], index, fields.pop(key))
 
 
 def resolve_img2img(fields: dict[str, Any], hashes: dict[str, str]) -> None:
@@ -259,6 +282,7 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
     if kind == "trajectory" and "capture" not in defaults_given(data) and not _swept(axes, "capture"):
         defaults["capture"] = CAPTURE_KINDS
     names = [n for axis_names, _ in axes for n in axis_names]
+    check_entry_weights(names, defaults)
     repeated = {n for n in names if names.count(n) > 1}
     if repeated:
         raise SpecError(f"sweep.{sorted(repeated)[0]}: swept twice (in sweep and zip, or twice in zip)")
@@ -268,11 +292,16 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
     count = math.prod(len(values) for _, values in axes) * (len(animation.frames) if animation else 1)
     if count > MAX_TASKS:
         raise SpecError(f"sweep: {count:.3g} tasks; at most {MAX_TASKS:,} in one job (split it into several)")
-    hashes = _resolve_files(defaults, axes, base_dir or Path.cwd())
+    hashes = resolve_files(defaults, axes, base_dir or Path.cwd())
     check_combinations(defaults, axes + frame_axis(animation))
     model_config = data.get("model_config")
     if model_config is not None and not isinstance(model_config, str):
         raise SpecError("model_config: expected a path to a diffusers folder")
+    safety = parse_safety_check(data.get("safety_check"))
+    if safety is not None and safety.checker is not None:
+        safety = dataclasses.replace(safety, checker=str(resolve_folder(safety.checker, base_dir or Path.cwd())))
+    facts = read_families(defaults, axes, model_config)
+    check_families(facts, defaults, axes + frame_axis(animation))
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SpecError("description: expected text")
@@ -288,7 +317,23 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
         kind=kind,
         hashes=hashes,
         animation=animation,
+        facts=facts,
+        safety_check=safety,
     )
+
+
+def check_entry_weights(names: list[str], defaults: dict[str, Any]) -> None:
+    """A swept ``loras.N.weight`` needs entry N in ``defaults.loras``, and loras itself left unswept."""
+    for name in names:
+        entry = entry_weight(name)
+        if entry is None:
+            continue
+        field_name, index = entry
+        if field_name in names:
+            raise SpecError(f"sweep.{name}: {field_name} is swept too; sweep the weight or the list, not both")
+        count = len(defaults[field_name])
+        if index >= count:
+            raise SpecError(f"sweep.{name}: defaults.{field_name} has {count} entries (numbered from 0)")
 
 
 def frame_axis(animation: Animation | None) -> list[Axis]:
@@ -331,62 +376,6 @@ def _parse_perturb(section: Any, axes: list[Axis], defaults: dict[str, Any]) -> 
     return [(("variation_seed",), tuple((v,) for v in seeds)), ((strength_field,), tuple((v,) for v in strengths))]
 
 
-def _resolve_files(defaults: dict[str, Any], axes: list[Axis], base_dir: Path) -> dict[str, str]:
-    """Make init image and embedding paths absolute, check they exist, and hash them; an init image
-    over the input pixel limit is refused from its header (images.MAX_INPUT_PIXELS)."""
-    hashes: dict[str, str] = {}
-    images: set[str] = set()  # the init images whose size was checked (a sweep may name one many times)
-
-    def resolve(path: str, where: str, image: bool = False) -> str:
-        full = Path(path).expanduser()
-        full = full if full.is_absolute() else base_dir / full
-        try:
-            if not full.is_file():
-                raise SpecError(f"{where}: no such file: {path}")
-            resolved = str(full.resolve())
-            if image and resolved not in images:
-                check_image(resolved, f"{where}: {path}")
-                images.add(resolved)
-            if resolved not in hashes:
-                hashes[resolved] = file_sha256(resolved)
-        except OSError as exc:
-            raise SpecError(f"{where}: cannot read {path} ({exc.strerror or exc})") from exc
-        return resolved
-
-    def fix(key: str, value: Any, where: str) -> Any:
-        if key == "init_image" and value is not None:
-            return resolve(value, where, image=True)
-        if key == "embeddings":
-            out = []
-            for i, e in enumerate(value):
-                path = resolve(e.path, f"{where}[{i}]")
-                out.append(Embedding(path=path, sha256=hashes[path], token=e.token))
-            return tuple(out)
-        return value
-
-    for key in ("init_image", "embeddings"):
-        defaults[key] = fix(key, defaults[key], f"defaults.{key}")
-    for i, (names, rows) in enumerate(axes):
-        if "init_image" in names or "embeddings" in names:
-            fixed = tuple(
-                tuple(fix(n, v, f"sweep.{n}[{j}]") for n, v in zip(names, row, strict=True))
-                for j, row in enumerate(rows)
-            )
-            axes[i] = (names, fixed)
-    return hashes
-
-
-def check_image(path: str, where: str) -> None:
-    """SpecError when an input image's header says it is over the input pixel limit (nothing is decoded)."""
-    # Here, not at the top: farm.images loads numpy and PIL, which a job without images never needs.
-    from farm.images import check_input_image
-
-    try:
-        check_input_image(path)
-    except ValueError as exc:
-        raise SpecError(f"{where}: {exc}") from exc
-
-
 # ---------------------------------------------------------------------------------------
 # Checks across fields
 
@@ -427,6 +416,11 @@ def reduce_for_checks(name: str, value: Any) -> Any:
 
 def check_task_fields(f: dict[str, Any]) -> None:
     """The rules that tie one task's technique fields together."""
+    problem = schedule_type_error(f["scheduler"], f["schedule_type"])
+    if problem:
+        raise SpecError(f"schedule_type: {problem}")
+    if f["scheduler"] == "lcm" and f["steps"] > MAX_LCM_STEPS:
+        raise SpecError(f"steps: lcm takes at most {MAX_LCM_STEPS} steps (the schedule it was distilled from)")
     if (f["variation_strength"] or f["perturb_scale"]) and f["variation_seed"] is None:
         name = "variation_strength" if f["variation_strength"] else "perturb_scale"
         raise SpecError(f"{name}: needs a variation_seed (the seed whose noise is blended in)")
@@ -525,7 +519,8 @@ def _order_axes(axes: list[Axis]) -> list[Axis]:
     """Batch-breaking axes first (in BATCH_FIELDS order), the rest as written."""
 
     def rank(axis: Axis) -> int:
-        ranks = [BATCH_FIELDS.index(n) for n in axis[0] if n in BATCH_FIELDS]
+        fields = [n.split(".")[0] for n in axis[0]]  # loras.0.weight breaks batches as loras does
+        ranks = [BATCH_FIELDS.index(n) for n in fields if n in BATCH_FIELDS]
         return min(ranks) if ranks else len(BATCH_FIELDS)
 
     return sorted(axes, key=rank)  # sorted() is stable: equal ranks keep the spec's order
@@ -533,8 +528,9 @@ def _order_axes(axes: list[Axis]) -> list[Axis]:
 
 def sweep_values(key: str, spec: Any, where: str, unique: bool = True) -> list[Any]:
     """A sweep axis: a list, ``{range: [start, stop, step]}``, ``{linspace: [a, b, n]}`` or ``{random: n}``."""
-    if key not in TASK_FIELDS or key in DERIVED_FIELDS:
-        raise SpecError(f"{where}: unknown task field; expected one of {', '.join(USER_FIELDS)}")
+    entry = entry_weight(key)
+    if (key not in TASK_FIELDS or key in DERIVED_FIELDS) and (entry is None or entry[0] != "loras"):
+        raise SpecError(f"{where}: unknown task field; expected one of {', '.join(USER_FIELDS)} or loras.N.weight")
     if isinstance(spec, list):
         if not spec:
             raise SpecError(f"{where}: empty list; give at least one value")

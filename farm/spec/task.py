@@ -89,6 +89,14 @@ class GuidanceLoss:
 
 
 @dataclass(frozen=True)
+class SafetyCheck:
+    """A job's opt-in safety check: what becomes of a flagged image, and whose checker runs."""
+
+    action: str = "blur"  # keep (record the verdict only), blur, or withhold (write no image)
+    checker: str | None = None  # a folder with safety_checker/ and feature_extractor/; None: the model's own
+
+
+@dataclass(frozen=True)
 class RenderTask:
     """One image to render: every input resolved, nothing left to a default."""
 
