@@ -81,6 +81,9 @@ class BatchRenderer:
         diffusers.utils.logging.disable_progress_bar()
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
+        # transformers 5 draws a "Loading weights" bar for every component it loads (a safety
+        # checker, a LoRA's text encoder): noise between farm's own lines.
+        transformers.utils.logging.disable_progress_bar()
         self.job = job
         self.job_root = job_root
         self.filesystem, self.base = storage.open_root(job_root)
