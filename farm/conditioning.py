@@ -5,6 +5,10 @@ embeddings of each task's prompt and negative prompt. SDXL adds text_encoder_2's
 the micro-conditioning time ids, for both halves of classifier-free guidance. Each object gives the
 UNet's keyword arguments, so the sampling loop never asks which family it runs; prompts are encoded by
 ``farm.text``, the way diffusers' ``encode_prompt`` and ``_get_add_time_ids`` prepare them.
+
+ControlNets add to those arguments at every UNet call (``Control``): the residuals of each unit whose
+step window covers the call, from its ControlNet run on the same input and conditioning, each task's
+rows scaled by its own scale, summed over units, as diffusers' ``MultiControlNetModel`` sums them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from farm.models import Components
@@ -194,3 +199,115 @@ def time_ids(task: RenderTask) -> tuple[int, ...]:
     original = task.original_size or size
     crop = task.crops_coords_top_left or (0, 0)
     return (*original, *crop, *(task.target_size or size))
+
+
+# ---------------------------------------------------------------------------------------
+# ControlNets
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet of a batch: its module, each task's control image, scale and step window."""
+
+    model: Any  # a diffusers ControlNetModel (farm.controlnets.load_controlnets)
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1], as diffusers' control_image_processor gives them
+    scales: tuple[float, ...]
+    starts: tuple[float, ...]
+    ends: tuple[float, ...]
+
+    def weights(self, call: int, calls: int) -> list[float]:
+        """Each task's scale at UNet call ``call`` of ``calls``: its own scale inside its [start, end]
+        window, else 0 (diffusers' ``controlnet_keep``, counted over UNet calls as diffusers counts them)."""
+        return [
+            scale * (1.0 - float(call / calls < start or (call + 1) / calls > end))
+            for scale, start, end in zip(self.scales, self.starts, self.ends, strict=True)
+        ]
+
+    def residuals(
+        self, model_input: torch.Tensor, t: torch.Tensor, unet_kwargs: dict[str, Any], weights: Sequence[float]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The ControlNet's down and mid residuals for the UNet's input, each task's rows times its weight
+        (both halves of classifier-free guidance alike, as diffusers runs it without guess mode)."""
+        guided = model_input.shape[0] == 2 * self.images.shape[0]
+        images = halves(self.images, self.images, guided)
+        rows = torch.tensor(list(weights) * (2 if guided else 1), device=model_input.device)
+        rows = rows.to(model_input.dtype).reshape(-1, 1, 1, 1)
+        down, mid = self.model(
+            model_input,
+            t,
+            encoder_hidden_states=unet_kwargs["encoder_hidden_states"],
+            controlnet_cond=images,
+            added_cond_kwargs=unet_kwargs.get("added_cond_kwargs"),
+            return_dict=False,
+        )
+        return [d * rows for d in down], mid * rows
+
+
+@dataclass(frozen=True)
+class Control:
+    """A batch's ControlNet units; with none, the UNet gets nothing more."""
+
+    units: tuple[ControlUnit, ...] = ()
+
+    def unet_kwargs(
+        self, model_input: torch.Tensor, t: torch.Tensor, unet_kwargs: dict[str, Any], call: int, calls: int
+    ) -> dict[str, Any]:
+        """The UNet's ``down_block_additional_residuals`` and ``mid_block_additional_residual`` at this
+        call, summed over units; {} when no unit acts on it."""
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for unit in self.units:
+            weights = unit.weights(call, calls)
+            # Scale 0 for every task, or outside every window: not run at all, so the image is the one
+            # without it bit for bit (and no time is spent on it).
+            if not any(weights):
+                continue
+            unit_down, unit_mid = unit.residuals(model_input, t, unet_kwargs, weights)
+            if down is None or mid is None:
+                down, mid = unit_down, unit_mid
+            else:
+                down, mid = [a + b for a, b in zip(down, unit_down, strict=True)], mid + unit_mid
+        if down is None:
+            return {}
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+# The batch without ControlNets.
+NO_CONTROL = Control()
+
+
+def prepare_control(
+    components: Components,
+    tasks: Sequence[RenderTask],
+    controlnets: Sequence[Any],
+    images: Sequence[Sequence[np.ndarray]],
+) -> Control:
+    """The batch's ControlNet units: one per entry of the tasks' ``controlnet``, with the loaded modules
+    (``controlnets``, the batch's ``controlnet_models`` in order) and each task's control images as
+    pixels (H, W, 3) uint8, already fitted to the task's size and preprocessed."""
+    first = tasks[0]
+    if len(controlnets) != len(first.controlnet):
+        raise ValueError("controlnets: one loaded ControlNet per entry of the batch's controlnet_models")
+    if len(images) != len(tasks) or any(len(row) != len(first.controlnet) for row in images):
+        raise ValueError("control_images: one image per ControlNet unit of each task")
+    if any(image.shape != (first.height, first.width, 3) for row in images for image in row):
+        raise ValueError("control_images: (height, width, 3) uint8 pixels fitted to the task's size")
+    units = []
+    for index, model in enumerate(controlnets):
+        pixels = np.stack([row[index] for row in images])
+        units.append(
+            ControlUnit(
+                model,
+                control_tensor(pixels).to(components.device, model.dtype),
+                scales=tuple(float(t.controlnet[index].scale) for t in tasks),
+                starts=tuple(float(t.controlnet[index].start) for t in tasks),
+                ends=tuple(float(t.controlnet[index].end) for t in tasks),
+            )
+        )
+    return Control(tuple(units))
+
+
+def control_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]: diffusers' control image processor
+    (``VaeImageProcessor(do_normalize=False)``), its resizing already done by the caller."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0

@@ -19,14 +19,22 @@ from pathlib import Path
 from typing import Any
 
 PRESETS = ("tiny", "tiny-xl")
+# ControlNets built the same way, for tiny's UNet: a ControlNet job renders with no download.
+CONTROLNET_PRESETS = ("tiny-controlnet",)
 # Bumped whenever a preset's architecture or its vocabulary changes, so an old cache folder is never
 # mistaken for the current preset (the folder is $FARM_HOME/models/<name>-<version>).
 TINY_VERSION = "v3"
 TINY_XL_VERSION = "v1"
-PRESET_VERSIONS = {"tiny": TINY_VERSION, "tiny-xl": TINY_XL_VERSION}
+PRESET_VERSIONS = {"tiny": TINY_VERSION, "tiny-xl": TINY_XL_VERSION, "tiny-controlnet": "v1"}
 TINY_SEED = 20221122
 # tiny-xl's own seeds, apart from tiny's so no component of one is a copy of the other's.
 TINY_XL_SEED = 20230726
+TINY_CONTROLNET_SEED = 20230210
+# The spread of tiny-controlnet's zero convolutions: large enough that scale 1 visibly steers the image.
+TINY_CONTROLNET_SCALE = 0.3
+# Its control-image embedding's widths: small, as tiny is (diffusers' default is 16, 32, 96, 256);
+# three halvings, the tiny VAE's factor 8.
+TINY_CONTROLNET_EMBEDDING = (8, 8, 16, 16)
 # Words given whole-word BPE merges in the tiny tokenizer, so the demo prompts tokenize
 # into words like a real CLIP vocabulary would; anything else falls back to characters.
 TINY_WORDS = (
@@ -83,10 +91,11 @@ def tiny_path() -> Path:
 
 def ensure_preset(name: str) -> Path:
     """Build a preset into the farm cache once; later calls just return its folder."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
+    if name not in PRESETS + CONTROLNET_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS + CONTROLNET_PRESETS)}")
     target = preset_path(name)
-    if (target / "model_index.json").is_file():
+    # A pipeline folder is marked by its model_index.json, a single model's (a ControlNet) by its config.json.
+    if (target / ("config.json" if name in CONTROLNET_PRESETS else "model_index.json")).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built in a hidden staging folder and renamed in one step, so a reader never sees half a model.
@@ -316,4 +325,33 @@ def build_tiny_xl_pipeline() -> Any:
 
 
 # How each preset is built; ensure_preset saves the result.
-PRESET_BUILDERS: dict[str, Callable[[], Any]] = {"tiny": build_tiny_pipeline, "tiny-xl": build_tiny_xl_pipeline}
+def build_tiny_controlnet() -> Any:
+    """A ControlNet for tiny: ControlNetModel.from_unet(tiny's UNet) with weights from a fixed seed."""
+    return controlnet_from_unet(build_tiny_pipeline().unet, TINY_CONTROLNET_SEED)
+
+
+def controlnet_from_unet(unet: Any, seed: int) -> Any:
+    """ControlNetModel.from_unet(unet) made to act: as from_unet builds it, its zero convolutions add
+    exactly nothing at any scale; they get random weights from ``seed`` here, and the control image's
+    embedding He-normal ones throughout, so the image's signal reaches the residuals (diffusers'
+    default init lets it fade to ~1e-4 over the embedding's layers)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_CONTROLNET_EMBEDDING)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * TINY_CONTROLNET_SCALE)
+        for parameter in controlnet.controlnet_cond_embedding.parameters():
+            std = (2 / parameter[0].numel()) ** 0.5 if parameter.ndim > 1 else 0.0
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return controlnet
+
+
+PRESET_BUILDERS: dict[str, Callable[[], Any]] = {
+    "tiny": build_tiny_pipeline,
+    "tiny-xl": build_tiny_xl_pipeline,
+    "tiny-controlnet": build_tiny_controlnet,
+}

@@ -4,8 +4,10 @@
 is a small function. A technique that acts during sampling (step capture, guidance losses) is a step
 callback built before the loop from the batch's fields, as k-diffusion's ``callback`` and diffusers'
 ``callback_on_step_end`` are, so ``denoise`` stays one loop; a model family contributes its
-conditioning object (``farm.conditioning``); its geometry is read from the model. Inputs arrive as
-values: init images as pixels, textual-inversion files as vectors (``farm.embeddings`` reads them).
+conditioning object (``farm.conditioning``), and ControlNets add their residuals to the UNet's keyword
+arguments through it (``Control``); its geometry is read from the model. Inputs arrive as values: init
+and control images as pixels, textual-inversion files as vectors (``farm.embeddings`` reads them),
+ControlNets as loaded modules (``farm.controlnets.load_controlnets``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from farm.conditioning import Conditioning, TaskInputError, encode_conditioning
+from farm.conditioning import NO_CONTROL, Conditioning, Control, TaskInputError, encode_conditioning, prepare_control
 from farm.losses import LossFunction, load_loss, per_image
 from farm.models import Components
 from farm.noise import latent_shape, make_generator, task_noise
@@ -306,14 +308,18 @@ def predict_noise(
     t: torch.Tensor,
     unet_kwargs: dict[str, Any],
     guidance: float,
+    control: Control = NO_CONTROL,
+    call: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """The UNet's noise prediction under classifier-free guidance (Ho & Salimans, 2022): both halves in
-    one UNet batch when ``guidance`` > 1, as diffusers' pipelines run it."""
+    one UNet batch when ``guidance`` > 1, as diffusers' pipelines run it; with the residuals of the
+    ControlNets acting at UNet call ``call`` = (index, count), as its ControlNet pipelines add them."""
     guided = guidance > 1.0
     model_input = torch.cat([latents] * 2) if guided else latents
     model_input = scheduler.scale_model_input(model_input, t)
     with torch.no_grad():
-        noise_pred = components.unet(model_input, t, **unet_kwargs).sample
+        residuals = control.unet_kwargs(model_input, t, unet_kwargs, *call)
+        noise_pred = components.unet(model_input, t, **unet_kwargs, **residuals).sample
     if not guided:
         return noise_pred
     noise_uncond, noise_text = noise_pred.chunk(2)
@@ -329,8 +335,10 @@ def denoise(
     guidance: float,
     generators: list[torch.Generator],
     callbacks: Sequence[StepCallback] = (),
+    control: Control = NO_CONTROL,
 ) -> torch.Tensor:
-    """The sampling loop: predict, let the callbacks act, step. Returns the final latents."""
+    """The sampling loop: predict (with the ControlNets' residuals), let the callbacks act, step.
+    Returns the final latents."""
     unet_kwargs = cond.unet_kwargs(guidance > 1.0)
     extra = step_kwargs(scheduler, generators)
     starts, ends = step_marks(scheduler, timesteps)
@@ -339,7 +347,9 @@ def denoise(
     step = -1  # sampler steps started so far, less one
     for i, t in enumerate(timesteps):
         step += starts[i]
-        noise_pred = predict_noise(components, scheduler, latents, t, unet_kwargs, guidance)
+        noise_pred = predict_noise(
+            components, scheduler, latents, t, unet_kwargs, guidance, control, (i, len(timesteps))
+        )
         if starts[i]:
             for callback in callbacks:
                 latents = callback.predicted(StepState(scheduler, step, t, latents, noise_pred))
@@ -397,11 +407,16 @@ def render_batch(
     tasks: Sequence[RenderTask],
     init_images: Sequence[np.ndarray | None] | None = None,
     embeddings: Sequence[LoadedEmbedding] = (),
+    controlnets: Sequence[Any] = (),
+    control_images: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> RenderResult:
     """Render tasks that share a batch key. ``init_images`` holds each img2img task's init image,
     already fitted to the task size (``images.fit_image``), and None for the others;
     ``embeddings`` the vectors of the batch's textual-inversion files, in order
-    (``embeddings.load_embeddings(tasks[0].embeddings)``).
+    (``embeddings.load_embeddings(tasks[0].embeddings)``); ``controlnets`` the loaded ControlNets of
+    the batch's ``controlnet_models``, in order (``controlnets.load_controlnets``), and
+    ``control_images`` each task's control image per unit, as (H, W, 3) uint8 pixels already fitted
+    to the task size and preprocessed (``control_images[n][u]`` for ``tasks[n].controlnet[u]``).
 
     Raises ``TaskInputError`` (before any denoising) for tasks whose inputs this model cannot use.
     """
@@ -419,22 +434,26 @@ def render_batch(
     #    prompt once), and the family's extras (SDXL: pooled embeddings, time ids)
     cond = encode_conditioning(components, tasks, embeddings)
 
-    # 3. Prepare timesteps (img2img starts part way)
+    # 3. Prepare the ControlNets: each task's control images, scales and step windows per unit
+    control_images = control_images if control_images is not None else [[] for _ in tasks]
+    control = prepare_control(components, tasks, controlnets, control_images)
+
+    # 4. Prepare timesteps (img2img starts part way)
     scheduler = build_scheduler(first.scheduler, components.scheduler_config, first.schedule_type)
     timesteps = prepare_timesteps(scheduler, first.steps, first.start_step, components.device)
 
-    # 4. Prepare latents: each image's own CPU-generator noise, variations, init images
+    # 5. Prepare latents: each image's own CPU-generator noise, variations, init images
     generators = [make_generator(t.seed) for t in tasks]
     latents = prepare_latents(components, scheduler, timesteps, tasks, generators, init_images)
 
-    # 5. Build the step callbacks the batch asks for (step capture, guidance loss)
+    # 6. Build the step callbacks the batch asks for (step capture, guidance loss)
     captures = capture_callbacks(first.capture)
     callbacks = step_callbacks(components, captures, loss)
 
-    # 6. Denoise
-    latents = denoise(components, scheduler, timesteps, latents, cond, first.guidance, generators, callbacks)
+    # 7. Denoise
+    latents = denoise(components, scheduler, timesteps, latents, cond, first.guidance, generators, callbacks, control)
 
-    # 7. Decode (captured steps too, all frames in VAE-sized chunks)
+    # 8. Decode (captured steps too, all frames in VAE-sized chunks)
     frames = {kind: decode_frames(components, c.frames, len(tasks), first) for kind, c in captures.items()}
     return RenderResult(
         images=decode_latents(components, latents),
