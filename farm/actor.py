@@ -14,11 +14,12 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from farm import metrics, storage
 from farm.errors import FatalRenderError
-from farm.inputs import read_init_images
+from farm.inputs import read_control_images, read_init_images
 from farm.manifest import base_row
 from farm.models import ModelError
 from farm.outputs import Producer, Verdicts, write_outputs
@@ -54,6 +55,15 @@ def configure_torch(threads: int | None) -> None:
     if torch.cuda.is_available():
         # warn_only: an op without a deterministic CUDA kernel warns instead of failing the job.
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass(frozen=True)
+class Controls:
+    """A batch's ControlNets (loaded, one per entry of its controlnet_models) and each task's
+    control images (task id -> one fitted, preprocessed image per ControlNet)."""
+
+    modules: list[Any]
+    images: dict[str, list[Any]]
 
 
 class BatchRenderer:
@@ -189,8 +199,9 @@ class BatchRenderer:
         errors: dict[str, str] = {}
         init_images = read_init_images(todo, self.filesystem, self.base, errors)
         self.set_loras(todo, errors)
+        controls = Controls(self.controlnets(todo, errors), read_control_images(todo, errors))
         embeddings = self.textual_inversion(todo, errors)
-        rendered = self.render_tasks(todo, init_images, errors, embeddings)
+        rendered = self.render_tasks(todo, init_images, errors, embeddings, controls)
         rows = [
             base_row(self.job, task, batch, i) | {"status": "failed", "error": errors[task.task_id]}
             for i, task in enumerate(batch.tasks)
@@ -224,6 +235,20 @@ class BatchRenderer:
             apply_loras(self.components, live[0].loras, self.allow_pickle)
         except LoraError as exc:
             errors.update(dict.fromkeys((t.task_id for t in live), str(exc)))
+
+    def controlnets(self, tasks: list[RenderTask], errors: dict[str, str]) -> list[Any]:
+        """The batch's ControlNets (a batch field), each loaded once per model; one that cannot load
+        (or fits another family) fails every task of the batch, with its line."""
+        from farm.controlnets import ControlNetError, load_controlnets
+
+        live = [t for t in tasks if t.task_id not in errors]
+        if not live or not live[0].controlnet:
+            return []
+        try:
+            return load_controlnets(self.components, live[0].controlnet_models, self.allow_pickle)
+        except ControlNetError as exc:
+            errors.update(dict.fromkeys((t.task_id for t in live), str(exc)))
+            return []
 
     def check_safety(self, result: Any) -> Verdicts | None:
         """The safety checker's verdict on each rendered image and what the job does with flagged
@@ -265,13 +290,16 @@ class BatchRenderer:
         init_images: dict[str, Any],
         errors: dict[str, str],
         embeddings: Sequence[LoadedEmbedding] = (),
+        controls: Controls | None = None,
     ) -> list[tuple[Batch, Any, float]]:
         """Render tasks as one batch -> [(batch rendered, result, seconds per image)].
 
         Tasks with unusable inputs are noted in ``errors`` and dropped; out of memory, the
         batch is halved (each half keeps its order, so the split is the same every time).
-        ``embeddings`` holds the vectors of the tasks' textual-inversion files.
+        ``embeddings`` holds the vectors of the tasks' textual-inversion files, ``controls`` the
+        batch's ControlNets and each task's control images.
         """
+        controls = controls or Controls([], {})
         import torch
 
         from farm.render import TaskInputError, render_batch
@@ -282,7 +310,14 @@ class BatchRenderer:
                 return []
             start = time.perf_counter()
             try:
-                result = render_batch(self.components, live, [init_images.get(t.task_id) for t in live], embeddings)
+                result = render_batch(
+                    self.components,
+                    live,
+                    [init_images.get(t.task_id) for t in live],
+                    embeddings,
+                    controlnets=controls.modules,
+                    control_images=[controls.images[t.task_id] for t in live] if controls.modules else None,
+                )
                 return [(Batch.of(live), result, (time.perf_counter() - start) / len(live))]
             except TaskInputError as exc:  # raised before denoising: drop those tasks and go again
                 errors.update({live[i].task_id: message for i, message in exc.errors.items()})
@@ -296,8 +331,8 @@ class BatchRenderer:
                 errors[live[0].task_id] = f"out of {self.components.device} memory rendering this task alone"
                 return []
             half = (len(live) + 1) // 2
-            return self.render_tasks(live[:half], init_images, errors, embeddings) + self.render_tasks(
-                live[half:], init_images, errors, embeddings
+            return self.render_tasks(live[:half], init_images, errors, embeddings, controls) + self.render_tasks(
+                live[half:], init_images, errors, embeddings, controls
             )
 
     def producer(self) -> Producer:

@@ -187,8 +187,11 @@ def render(
         )
     if summary.withheld:
         click.echo(f"  withheld: {summary.withheld} flagged by the safety check (rows recorded, no image written)")
-    for video, flicker in zip(summary.videos, summary.flicker, strict=True):
-        click.echo(f"  video: {summary.job_root}/{video} (flicker {flicker:.2f}: mean |frame n+1 - frame n|, 0-255)")
+    for video, flicker, compensated in zip(summary.videos, summary.flicker, summary.flicker_compensated, strict=True):
+        moved = "" if compensated is None else f", {compensated:.2f} with the motion undone"
+        click.echo(
+            f"  video: {summary.job_root}/{video} (flicker {flicker:.2f}{moved}: mean |frame n+1 - frame n|, 0-255)"
+        )
     for message in summary.errors[:3]:
         click.echo(f"  failed: {message}", err=True)
     click.echo(f"output: {summary.job_root}")

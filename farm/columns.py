@@ -55,6 +55,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("previous", pa.string(), "chained frame: task id of the frame before, blended into the init image, else null"),
     ("blend", pa.float64(), "chained frame: weight of the previous frame in the init image (0: the source frame)"),
     ("color_reference", pa.string(), "chained frame: task id whose LAB colours the init image takes, else null"),
+    ("flow", pa.string(), "chained frame: the optical flow its previous image was warped along (farneback, dis)"),
+    ("flow_from", pa.string(), "chained frame with flow: the source frame before, where the flow starts, else null"),
+    ("motion", pa.list_(pa.float64()), "2D-motion frame: [zoom, angle, x, y] that moves the frame before"),
+    ("flow_config", pa.string(), "chained frame with flow: the flow method's parameters as JSON, else null"),
     (
         "schedule_type",
         pa.string(),
@@ -69,6 +73,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("original_size", pa.list_(pa.int32()), "SDXL micro-conditioning [height, width] of the original image, else null"),
     ("target_size", pa.list_(pa.int32()), "SDXL micro-conditioning [height, width] of the target image, else null"),
     ("crops_coords_top_left", pa.list_(pa.int32()), "SDXL micro-conditioning crop [top, left], else null"),
+    (
+        "controlnet",
+        pa.string(),
+        "ControlNets as JSON [{model, image, image_sha256, preprocess, scale, start, end, ...}]",
+    ),
     ("model", pa.string(), "model reference as written in the job"),
     ("model_family", pa.string(), "the model's family: sd1, sd2 (SD 2.x) or sdxl"),
     ("model_hash", pa.string(), "sha256 over the model's files"),
@@ -97,7 +106,7 @@ SCHEMA = pa.schema([pa.field(name, dtype) for name, dtype, _ in COLUMNS])
 # Rows: the input half is known before rendering; the actor adds the outputs.
 
 # Task fields held as JSON text in the manifest (lists and mappings).
-JSON_FIELDS = ("mix", "token_mix", "embeddings", "guidance_loss", "loras")
+JSON_FIELDS = ("mix", "token_mix", "embeddings", "guidance_loss", "loras", "controlnet")
 
 
 def json_text(value: Any) -> str:

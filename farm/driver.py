@@ -393,6 +393,7 @@ def render_locked(spec: JobSpec, options: RenderOptions, root: str, lock: JobLoc
         videos = write_shot_videos(spec, root, spec.tasks(random_base), done)
         summary.videos.extend(name for name, _ in videos.videos)
         summary.flicker.extend(flicker for _, flicker in videos.videos)
+        summary.flicker_compensated.extend(videos.compensated)
         summary.errors.extend(videos.errors)
     summary.elapsed = time.perf_counter() - start
     write_summary(root, summary)

@@ -20,6 +20,7 @@ from farm.images import blur, encode_png, sha256_bytes
 from farm.layout import frame_relpath
 from farm.loras import a1111_lora_hashes
 from farm.manifest import base_row, json_text
+from farm.motion import FLOW_PARAMS
 from farm.spec import Batch, SafetyCheck
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ def write_outputs(
         }
         if task.loras:
             meta["lora_hashes"] = a1111_lora_hashes(task.loras)
+        if task.flow:
+            row["flow_config"] = json_text(FLOW_PARAMS[task.flow])
         flagged = verdicts is not None and verdicts.flagged[index]
         if verdicts is not None:  # the PNG says how it was checked, so farm reproduce checks it again
             row["nsfw"] = flagged

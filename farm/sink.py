@@ -52,6 +52,8 @@ class Summary:
     errors: list[str] = field(default_factory=list)
     videos: list[str] = field(default_factory=list)  # animate and walk jobs: one per shot
     flicker: list[float] = field(default_factory=list)  # per video: mean |frame n+1 - frame n|, 0-255
+    # per video: the same once the motion is undone (flow or 2D motion); None for a walk
+    flicker_compensated: list[float | None] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -77,7 +79,15 @@ class Summary:
             "rendering_images_per_s": round(self.rendering_images_per_second, 3),
             "actors": self.actors,
             "errors": self.errors[:20],
-            **({"videos": self.videos, "flicker": [round(f, 4) for f in self.flicker]} if self.videos else {}),
+            **(
+                {
+                    "videos": self.videos,
+                    "flicker": [round(f, 4) for f in self.flicker],
+                    "flicker_compensated": [None if f is None else round(f, 4) for f in self.flicker_compensated],
+                }
+                if self.videos
+                else {}
+            ),
         }
 
 

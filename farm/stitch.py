@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ from pyarrow.lib import ArrowException
 
 from farm import manifest, storage
 from farm.errors import FarmError
-from farm.images import decode_rgb
+from farm.images import decode_rgb, fit_image
 from farm.layout import animation_fps, image_relpath, video_name
+from farm.motion import MotionError, flicker_compensated, motion_matrix
 from farm.spec import DEFAULT_FPS, JobSpec, RenderTask, shots
 from farm.video import VIDEO_SUFFIXES, VideoError, flicker, side_by_side, write_video
 
@@ -112,6 +113,8 @@ class ShotVideos:
 
     videos: list[tuple[str, float]]
     errors: list[str]
+    # per video, flicker once the motion is undone (motion.flicker_compensated); None without motion
+    compensated: list[float | None] = field(default_factory=list)
 
 
 def write_shot_videos(spec: JobSpec, root: str, tasks: Iterable[RenderTask], done: set[str]) -> ShotVideos:
@@ -137,11 +140,30 @@ def write_shot_videos(spec: JobSpec, root: str, tasks: Iterable[RenderTask], don
             result.errors.append(f"{name}: not written: {exc}")
             continue
         result.videos.append((name, video.flicker))
+        result.compensated.append(
+            shot_flicker_compensated(filesystem, base, shot) if len(frames) == len(shot) else None
+        )
         if len(frames) < len(shot):
             result.errors.append(f"{name}: {len(frames)} of {len(shot)} frames ({len(shot) - len(frames)} failed)")
         if video.missing:
             result.errors.append(f"{name}: {manifest.missing_warning(root, list(video.missing))}")
     return result
+
+
+def shot_flicker_compensated(filesystem: Any, base: str, shot: list[RenderTask]) -> float | None:
+    """A shot's flicker once its motion is undone: each frame against the one before moved along the
+    source clip's optical flow (an animate job) or by the frame's 2D motion; None for a walk."""
+    if len(shot) < 2 or not (shot[0].init_image or shot[-1].motion is not None):
+        return None
+    try:
+        frames = [read_image(filesystem, base, image_relpath(t.task_id)) for t in shot]
+        if shot[0].init_image:
+            sources = [fit_image(Path(t.init_image).read_bytes(), t.width, t.height) for t in shot]  # type: ignore[arg-type]
+            return flicker_compensated(frames, sources=sources, method=shot[-1].flow or "farneback")
+        motions = [motion_matrix(t.width, t.height, *t.motion) for t in shot[1:]]  # type: ignore[misc]
+        return flicker_compensated(frames, motions=motions)
+    except (OSError, ValueError, MotionError):  # a frame or source gone since: the raw figure stands alone
+        return None
 
 
 def _read_local(path: str) -> np.ndarray:

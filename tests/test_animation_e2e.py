@@ -145,9 +145,14 @@ def test_a_chained_frame_reproduces_bit_for_bit_from_its_row(chained, tmp_path: 
     assert result.identical, result.summary()
 
 
-def test_a_chained_shot_resumes_from_its_last_finished_frame_after_sigkill(ray_session, folder: Path, tmp_path: Path):
+@pytest.mark.parametrize("flow", ["", ", flow: farneback"], ids=["blend", "flow"])
+def test_a_chained_shot_resumes_from_its_last_finished_frame_after_sigkill(
+    ray_session, folder: Path, tmp_path: Path, flow: str
+):
     job = write_job(
-        tmp_path, "crashanim", "animate: {source: " + str(folder / "clip.mp4") + ", mode: chained, blend: 0.4}\n"
+        tmp_path,
+        "crashanim",
+        "animate: {source: " + str(folder / "clip.mp4") + f", mode: chained, blend: 0.4{flow}}}\n",
     )
     out = tmp_path / "out"
     root = out / "crashanim"

@@ -111,10 +111,10 @@ def test_out_of_memory_splits_the_batch(tiny_path, tmp_path, monkeypatch):
 
     real = render.render_batch
 
-    def small_gpu(components, tasks, init_images=None, embeddings=()):
+    def small_gpu(components, tasks, init_images=None, embeddings=(), **controls):
         if len(tasks) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(components, tasks, init_images, embeddings)
+        return real(components, tasks, init_images, embeddings, **controls)
 
     monkeypatch.setattr(render, "render_batch", small_gpu)
     spec = parse_job(
@@ -143,7 +143,7 @@ def test_out_of_memory_splits_the_batch(tiny_path, tmp_path, monkeypatch):
 def test_a_task_too_big_alone_fails_with_the_reason(tiny_path, tmp_path, monkeypatch):
     from farm import render
 
-    def no_memory(components, tasks, init_images=None, embeddings=()):
+    def no_memory(components, tasks, init_images=None, embeddings=(), **controls):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(render, "render_batch", no_memory)

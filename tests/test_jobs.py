@@ -24,6 +24,9 @@ DOCUMENTED_JOBS = {
     "trajectory": ("steering.md", "Step capture"),
     "animate": ("animation.md", "Animate"),
     "walk": ("animation.md", "Walk"),
+    "animate-flow": ("animation.md", "Optical flow"),
+    "zoom": ("animation.md", "2D motion"),
+    "controlnet": ("animation.md", "ControlNet"),
     "sdxl": ("models.md", "SDXL"),
     "lora": ("models.md", "LoRA"),
 }

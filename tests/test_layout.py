@@ -17,12 +17,24 @@ HEAVY = ("torch", "diffusers", "transformers")
 # errors.py sits under everything: the one error base, importing nothing.
 LAYERS: dict[str, int] = {
     "errors": 0,
-    **dict.fromkeys(("storage", "images", "video", "schedules", "metrics"), 1),  # tools
+    **dict.fromkeys(("storage", "images", "video", "motion", "schedules", "metrics"), 1),  # tools
     **dict.fromkeys(("models", "presets"), 2),  # references (their torch half is imported inside functions)
     "spec": 3,  # values
     **dict.fromkeys(("layout", "columns", "manifest", "lock"), 4),  # records
     **dict.fromkeys(
-        ("noise", "text", "conditioning", "embeddings", "losses", "samplers", "loras", "safety", "render"), 5
+        (
+            "noise",
+            "text",
+            "conditioning",
+            "embeddings",
+            "losses",
+            "samplers",
+            "loras",
+            "controlnets",
+            "safety",
+            "render",
+        ),
+        5,
     ),  # model
     **dict.fromkeys(("actor", "inputs", "outputs"), 6),  # work
     **dict.fromkeys(("driver", "pool", "sink"), 7),  # run

@@ -48,9 +48,21 @@ ANIMATE_FIELDS = (
     "seed",
     "blend",
     "color_coherence",
+    "flow",
     "schedules",
+    "frames",
+    "motion",
 )
 WALK_FIELDS = ("prompts", "seeds", "frames", "loop", "fps", "schedules")
+# Optical flow methods a chained frame's previous image can be warped by (farm.motion; OpenCV).
+FLOW_METHODS = ("farneback", "dis")
+# Deforum's 2D motion schedules and their still values: zoom per frame (1: none), angle in
+# degrees, translation in pixels per frame.
+MOTION_FIELDS = ("zoom", "angle", "translation_x", "translation_y")
+MOTION_DEFAULTS = {"zoom": "0:(1)", "angle": "0:(0)", "translation_x": "0:(0)", "translation_y": "0:(0)"}
+# A motion frame's default img2img strength (the share of steps run): Deforum's default strength
+# schedule, 0.65, keeps 65% of the warped frame before, which is diffusers' strength 0.35.
+MOTION_STRENGTH = 0.35
 # Numbers a schedule may drive, frame by frame. Width and height are left out (a video has
 # one size), and seeds have their own key (``seed: fixed | iter | schedule``).
 SCHEDULE_FIELDS = ("guidance", "strength", "start_step", "steps", "variation_strength", "perturb_scale")
@@ -99,13 +111,18 @@ def _parse_animate(
     # 1. The source frames
     if defaults["init_image"] is not None or "init_image" in swept:
         raise SpecError("init_image: an animate job's init images are its source frames (animate.source)")
+    if "motion" in section or "frames" in section:
+        return _parse_motion(section, defaults, swept), dict
     if "source" not in section:
-        raise SpecError("animate.source: missing; give a video file or a folder of images")
+        raise SpecError(
+            "animate.source: missing; give a video file or a folder of images, "
+            "or frames and motion for an animation from text"
+        )
     paths, source_fps, materialise = read_source(section["source"], section, base_dir)
 
     # 2. Mode, frame rate, blend and colour coherence
     mode = choice(section.get("mode", "independent"), "animate.mode", ANIMATION_MODES)
-    for name in ("blend", "color_coherence"):
+    for name in ("blend", "color_coherence", "flow"):
         if name in section and mode != "chained":
             raise SpecError(f"animate.{name}: only for mode: chained (it reads the frame rendered before)")
     color_coherence = flag(section.get("color_coherence", False), "animate.color_coherence")
@@ -120,10 +137,65 @@ def _parse_animate(
         blend = _schedule("animate.blend", section.get("blend", DEFAULT_BLEND))
         for k, frame in enumerate(frames):
             frame["blend"] = check_value("blend", round(blend.value_at(k), 10), f"animate.blend (frame {k})")
+        if "flow" in section:
+            method = choice(section["flow"], "animate.flow", FLOW_METHODS)
+            frames[0].update(flow=None, flow_from=None)  # frame 0 has no frame before it to warp
+            for before, frame in zip(frames, frames[1:], strict=False):
+                frame.update(flow=method, flow_from=before["init_image"])
     animation = Animation(
         frames=tuple(tuple(sorted(f.items())) for f in frames), mode=mode, fps=fps, color_coherence=color_coherence
     )
     return animation, materialise
+
+
+def _parse_motion(section: dict[str, Any], defaults: dict[str, Any], swept: set[str]) -> Animation:
+    """An animation from text with Deforum's 2D motion: frame 0 is txt2img; each next frame is
+    img2img of the frame before, warped by that frame's zoom, angle and translation."""
+    # 1. No source: the frames are a count, chained by nature
+    for name in ("source", "mode", "blend", "flow", "start", "end", "stride"):
+        if name in section:
+            raise SpecError(
+                f"animate.{name}: not with motion; an animation from text (frames and motion) has no source "
+                "clip and is chained by nature"
+            )
+    count = whole(
+        section.get("frames"), "animate.frames", 1, MAX_FRAMES, f"a whole number of frames from 1 to {MAX_FRAMES}"
+    )
+    motion = section.get("motion", {})
+    if not isinstance(motion, dict):
+        raise SpecError(
+            f'animate.motion: expected a mapping of {", ".join(MOTION_FIELDS)} -> schedule, like zoom: "0:(1.02)"'
+        )
+    unknown = [k for k in motion if k not in MOTION_FIELDS]
+    if unknown:
+        raise SpecError(f"animate.motion.{unknown[0]}: unknown field; expected one of {', '.join(MOTION_FIELDS)}")
+    schedules = {
+        name: _schedule(f"animate.motion.{name}", motion.get(name, MOTION_DEFAULTS[name])) for name in MOTION_FIELDS
+    }
+
+    # 2. Per-frame fields: prompt, seed, schedules, then the motion and strength of every frame after the first
+    frames: list[dict[str, Any]] = [{} for _ in range(count)]
+    _apply_prompts(section, defaults, swept, frames)
+    _apply_seed(section.get("seed", "fixed"), swept, frames)
+    _apply_schedules("animate", section.get("schedules"), defaults, swept, frames)
+    for k, frame in enumerate(frames):
+        if k == 0:  # txt2img: nothing before it to warp
+            frame.update(motion=None, strength=None, start_step=None)
+            continue
+        values = tuple(round(float(schedules[name].value_at(k)), 10) for name in MOTION_FIELDS)
+        if not all(math.isfinite(v) for v in values) or values[0] <= 0:
+            raise SpecError(f"animate.motion (frame {k}): expected finite numbers and a zoom above 0, got {values}")
+        frame["motion"] = values
+        if frame.get("start_step") is None and frame.get("strength") is None:
+            frame["strength"] = defaults["strength"] if defaults["strength"] is not None else MOTION_STRENGTH
+        frame.setdefault("start_step", None)
+        frame.setdefault("strength", None)
+    return Animation(
+        frames=tuple(tuple(sorted(f.items())) for f in frames),
+        mode="chained",
+        fps=_fps(section, "animate"),
+        color_coherence=flag(section.get("color_coherence", False), "animate.color_coherence"),
+    )
 
 
 def read_source(source: Any, section: dict[str, Any], base_dir: Path) -> tuple[list[Path], float | None, Materialise]:
@@ -254,7 +326,7 @@ def _apply_schedules(kind: str, schedules: Any, defaults: dict[str, Any], swept:
         if name not in SCHEDULE_FIELDS and entry is None:
             raise SpecError(
                 f"{where}: not a field a schedule can drive; expected one of {', '.join(SCHEDULE_FIELDS)}, "
-                "mix.N.weight or loras.N.weight"
+                "mix.N.weight, loras.N.weight or controlnet.N.scale"
             )
         field_name = name if entry is None else entry[0]
         if name in swept or field_name in swept:
@@ -268,7 +340,7 @@ def _apply_schedules(kind: str, schedules: Any, defaults: dict[str, Any], swept:
                 raise SpecError(f"{where}: defaults.{field_name} has {len(entries)} entries (numbered from 0)")
             for k, frame in enumerate(frames):
                 weight = check_value(name, round(schedule.value_at(k), 10), f"{where} (frame {k})")
-                frame[field_name] = with_entry_weight(frame.get(field_name, entries), entry[1], weight)
+                frame[field_name] = with_entry_weight(field_name, frame.get(field_name, entries), entry[1], weight)
             continue
         for k, frame in enumerate(frames):
             # Rounded as range and linspace values are: 0.575, not 0.5750000000000001.

@@ -17,8 +17,18 @@ from typing import Any
 
 from farm.errors import FarmError
 from farm.models import is_known_model_ref
-from farm.presets import PRESETS
-from farm.spec.task import INT_FIELDS, PAIR_FIELDS, Embedding, GuidanceLoss, Lora, MixPart, SafetyCheck, TokenMix
+from farm.presets import CONTROLNET_PRESETS, PRESETS
+from farm.spec.task import (
+    INT_FIELDS,
+    PAIR_FIELDS,
+    ControlNetUnit,
+    Embedding,
+    GuidanceLoss,
+    Lora,
+    MixPart,
+    SafetyCheck,
+    TokenMix,
+)
 
 # Names a job may use; samplers.py maps each to its diffusers class (a test keeps both in step).
 SCHEDULERS = (
@@ -60,6 +70,11 @@ MAX_LCM_STEPS = 50
 MAX_CLIP_SKIP = 12
 # A LoRA's weight: A1111 and diffusers take any number; past +-10 an adapter swamps the model.
 MAX_LORA_WEIGHT = 10.0
+# A ControlNet's scale (A1111's "Control Weight" goes to 2); past 5 the control image swamps the prompt.
+MAX_CONTROLNET_SCALE = 5.0
+# How a control image is prepared before it is fitted (motion.PREPROCESSORS; a test keeps both in step).
+CONTROLNET_PREPROCESSORS = ("none", "canny")
+CONTROLNET_FIELDS = ("model", "image", "preprocess", "low_threshold", "high_threshold", "scale", "start", "end")
 # A1111's extra-networks tag in a prompt (<lora:name:weight>, <lyco:...>): farm would render it as
 # words, so a prompt holding one is refused with the loras: entry to write instead.
 # What a job's safety check does with a flagged image (docs/models.md, "Safety checker").
@@ -127,8 +142,10 @@ MAX_MIX_WEIGHT = 10.0
 
 # One entry's weight in a list-valued field, swept or scheduled on its own: ``loras.0.weight``
 # (and ``mix.1.weight``), the dotted form A1111-style X/Y plots of a LoRA's weight need.
-ENTRY_WEIGHT = re.compile(r"^(loras|mix)\.(\d{1,3})\.weight$")
-ENTRY_WEIGHT_LIMITS = {"loras": MAX_LORA_WEIGHT, "mix": MAX_MIX_WEIGHT}
+ENTRY_WEIGHT = re.compile(r"^(?:(loras|mix)\.(\d{1,3})\.weight|(controlnet)\.(\d{1,3})\.scale)$")
+ENTRY_WEIGHT_LIMITS = {"loras": MAX_LORA_WEIGHT, "mix": MAX_MIX_WEIGHT, "controlnet": MAX_CONTROLNET_SCALE}
+# The attribute of an entry that a dotted key sets.
+ENTRY_ATTRIBUTE = {"loras": "weight", "mix": "weight", "controlnet": "scale"}
 
 
 class SpecError(FarmError):
@@ -183,14 +200,19 @@ def schedule_type_error(name: str, schedule_type: str) -> str | None:
 
 
 def entry_weight(key: str) -> tuple[str, int] | None:
-    """(field, index) for a dotted entry-weight key like ``loras.0.weight``, else None."""
+    """(field, index) for a dotted entry key like ``loras.0.weight`` or ``controlnet.0.scale``, else None."""
     match = ENTRY_WEIGHT.fullmatch(key) if isinstance(key, str) else None
-    return None if match is None else (match.group(1), int(match.group(2)))
+    if match is None:
+        return None
+    name, index = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    return name, int(index)
 
 
-def with_entry_weight(entries: tuple, index: int, weight: float) -> tuple:
-    """``entries`` (LoRAs or mix parts) with entry ``index`` given ``weight``."""
-    return tuple(dataclasses.replace(e, weight=weight) if i == index else e for i, e in enumerate(entries))
+def with_entry_weight(name: str, entries: tuple, index: int, value: float) -> tuple:
+    """``entries`` of field ``name`` (LoRAs, mix parts, ControlNets) with entry ``index``'s weight
+    (a ControlNet's scale) set to ``value``."""
+    attribute = ENTRY_ATTRIBUTE[name]
+    return tuple(dataclasses.replace(e, **{attribute: value}) if i == index else e for i, e in enumerate(entries))
 
 
 def check_technique(key: str, value: Any, where: str) -> Any:
@@ -246,6 +268,11 @@ def check_technique(key: str, value: Any, where: str) -> Any:
         )
     if key in PAIR_FIELDS:
         return None if value is None else _parse_pair(key, value, where)
+    if key == "controlnet":
+        return tuple(
+            _parse_controlnet(unit, f"{where}[{i}]")
+            for i, unit in enumerate(_list(value, where, "ControlNets", allow_empty=True))
+        )
     raise SpecError(f"{where}: unknown task field")  # pragma: no cover - guarded by callers
 
 
@@ -395,6 +422,35 @@ def _parse_lora(value: Any, where: str) -> Lora:
     item = _mapping(value, where, ("path", "weight"), ("path",))
     weight = number(item.get("weight", 1.0), f"{where}.weight", -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)
     return Lora(path=_text(item["path"], f"{where}.path"), sha256="", weight=weight)
+
+
+def _parse_controlnet(value: Any, where: str) -> ControlNetUnit:
+    """{model, image, preprocess, low_threshold, high_threshold, scale, start, end}; files.py makes the
+    image's path absolute and hashes it (``source``: an animate job's own frame, resolved per frame)."""
+    unit = _mapping(value, where, CONTROLNET_FIELDS, ("model", "image"))
+    model = unit["model"]
+    if not isinstance(model, str) or not (model in CONTROLNET_PRESETS or is_known_model_ref(model)):
+        raise SpecError(
+            f"{where}.model: unknown ControlNet {show(model)}; expected a preset ({', '.join(CONTROLNET_PRESETS)}), "
+            "a diffusers ControlNet folder, a .safetensors file or a hub id (org/name)"
+        )
+    low = whole(unit.get("low_threshold", 100), f"{where}.low_threshold", 0, 255)
+    high = whole(unit.get("high_threshold", 200), f"{where}.high_threshold", low, 255)
+    start = number(unit.get("start", 0.0), f"{where}.start", 0.0, 1.0)
+    end = number(unit.get("end", 1.0), f"{where}.end", 0.0, 1.0)
+    if start >= end:
+        raise SpecError(f"{where}.end: {end:g} is not after start ({start:g}); the ControlNet would act on no step")
+    return ControlNetUnit(
+        model=model,
+        image=_text(unit["image"], f"{where}.image"),
+        image_sha256="",
+        preprocess=choice(unit.get("preprocess", "none"), f"{where}.preprocess", CONTROLNET_PREPROCESSORS),
+        low_threshold=low,
+        high_threshold=high,
+        scale=number(unit.get("scale", 1.0), f"{where}.scale", 0.0, MAX_CONTROLNET_SCALE),
+        start=start,
+        end=end,
+    )
 
 
 def _parse_pair(key: str, value: Any, where: str) -> tuple[int, int]:

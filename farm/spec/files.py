@@ -4,6 +4,7 @@ job's folder, checked to exist, hashed, and an init image's size checked from it
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ from farm.spec.fields import SpecError
 from farm.spec.task import Embedding, Lora
 
 # Task fields that name files.
-FILE_FIELDS = ("init_image", "embeddings", "loras")
+FILE_FIELDS = ("init_image", "embeddings", "loras", "controlnet")
+# A control image that is an animate job's own source frame, resolved frame by frame.
+SOURCE_FRAME = "source"
 
 # One sweep axis, as job.py holds it: field names, and per value a tuple of one value per name.
 Axis = tuple[tuple[str, ...], tuple[tuple[Any, ...], ...]]
@@ -49,6 +52,17 @@ def resolve_files(defaults: dict[str, Any], axes: list[Axis], base_dir: Path) ->
                 path = resolve(e.path, f"{where}[{i}]")
                 out.append(Embedding(path=path, sha256=hashes[path], token=e.token))
             return tuple(out)
+        if key == "controlnet":
+            return tuple(
+                unit
+                if unit.image == SOURCE_FRAME
+                else dataclasses.replace(
+                    unit,
+                    image=(path := resolve(unit.image, f"{where}[{i}].image", image=True)),
+                    image_sha256=hashes[path],
+                )
+                for i, unit in enumerate(value)
+            )
         if key == "loras":
             return tuple(
                 Lora(path=(path := resolve(lora.path, f"{where}[{i}].path")), sha256=hashes[path], weight=lora.weight)
@@ -86,3 +100,31 @@ def resolve_folder(path: str, base_dir: Path, where: str = "safety_check.checker
     if not full.is_dir():
         raise SpecError(f"{where}: no such folder: {path}")
     return full.resolve()
+
+
+def check_source_controls(kind: str, defaults: dict[str, Any], axes: list[Axis]) -> None:
+    """A control image ``source`` (the frame's own source) exists only in an animate job."""
+    if kind == "animate":
+        return
+    values = [defaults["controlnet"]] + [
+        row[names.index("controlnet")] for names, rows in axes if "controlnet" in names for row in rows
+    ]
+    for units in values:
+        for i, unit in enumerate(units):
+            if unit.image == SOURCE_FRAME:
+                raise SpecError(
+                    f"controlnet[{i}].image: source is each frame's own source frame, only in kind: animate; "
+                    "give an image path"
+                )
+
+
+def resolve_source_controls(fields: dict[str, Any]) -> None:
+    """An animate frame's ``source`` control images become its own source frame (path and sha256)."""
+    units = fields["controlnet"]
+    if any(unit.image == SOURCE_FRAME for unit in units):
+        fields["controlnet"] = tuple(
+            dataclasses.replace(unit, image=fields["init_image"], image_sha256=fields["init_image_sha256"])
+            if unit.image == SOURCE_FRAME
+            else unit
+            for unit in units
+        )

@@ -44,7 +44,7 @@ from farm.spec.fields import (
     whole,
     with_entry_weight,
 )
-from farm.spec.files import resolve_files, resolve_folder
+from farm.spec.files import check_source_controls, resolve_files, resolve_folder, resolve_source_controls
 from farm.spec.task import (
     BATCH_FIELDS,
     CORE_FIELDS,
@@ -78,6 +78,7 @@ TOP_LEVEL_FIELDS = (
 )
 # Fields tied together by check_task_fields.
 CROSS_FIELDS = {
+    "motion",
     "scheduler",
     "schedule_type",
     "variation_seed",
@@ -174,6 +175,7 @@ class JobSpec:
                 apply_entry_weights(fields)
                 apply_family_defaults(fields, self.facts)
                 resolve_img2img(fields, self.hashes)
+                resolve_source_controls(fields)
                 if chained and previous is not None and first is not None:
                     fields.update(previous=previous.task_id)
                     if self.animation.color_coherence:  # type: ignore[union-attr]
@@ -201,7 +203,7 @@ def apply_entry_weights(fields: dict[str, Any]) -> None:
     """Swept entry weights (``loras.0.weight``) -> the weight of that entry of the field."""
     for key in [k for k in fields if "." in k]:
         name, index = entry_weight(key)  # type: ignore[misc]  # only such keys have dots
-        fields[name] = with_entry_weight(fields[name], index, fields.pop(key))
+        fields[name] = with_entry_weight(name, fields[name], index, fields.pop(key))
 
 
 def resolve_img2img(fields: dict[str, Any], hashes: dict[str, str]) -> None:
@@ -210,10 +212,11 @@ def resolve_img2img(fields: dict[str, Any], hashes: dict[str, str]) -> None:
     ``strength`` follows diffusers: int(steps x strength) steps run, so the loop starts at
     ``steps - int(steps x strength)``; ``start_step`` is the notebook's "start at step 10 of 50".
     """
-    if fields["init_image"] is None:
+    if fields["init_image"] is None and fields["motion"] is None:
         fields["start_step"] = 0
         return
-    fields["init_image_sha256"] = hashes[fields["init_image"]]
+    if fields["init_image"] is not None:  # else a 2D-motion frame: img2img of the frame before
+        fields["init_image_sha256"] = hashes[fields["init_image"]]
     steps = fields["steps"]
     if fields["start_step"] is None:
         if fields["strength"] is None:
@@ -294,6 +297,7 @@ def parse_job(text: str, default_name: str = "job", where: str = "job", base_dir
         raise SpecError(f"sweep: {count:.3g} tasks; at most {MAX_TASKS:,} in one job (split it into several)")
     hashes = resolve_files(defaults, axes, base_dir or Path.cwd())
     check_combinations(defaults, axes + frame_axis(animation))
+    check_source_controls(kind, defaults, axes)
     model_config = data.get("model_config")
     if model_config is not None and not isinstance(model_config, str):
         raise SpecError("model_config: expected a path to a diffusers folder")
@@ -403,7 +407,7 @@ def check_combinations(defaults: dict[str, Any], axes: list[Axis]) -> None:
 
 def reduce_for_checks(name: str, value: Any) -> Any:
     """A stand-in for ``value`` that check_task_fields judges exactly as it judges ``value``."""
-    if name in ("variation_seed", "init_image", "strength"):
+    if name in ("variation_seed", "init_image", "strength", "motion"):
         return None if value is None else 0
     if name in ("variation_strength", "perturb_scale", "prompt"):
         return bool(value)
@@ -429,7 +433,7 @@ def check_task_fields(f: dict[str, Any]) -> None:
     if f["strength"] is not None and f["start_step"] is not None:
         raise SpecError("start_step: give strength or start_step, not both")
     for name in ("strength", "start_step"):
-        if f[name] is not None and f["init_image"] is None:
+        if f[name] is not None and f["init_image"] is None and f["motion"] is None:
             raise SpecError(f"{name}: needs an init_image")
     if f["start_step"] is not None and f["start_step"] > f["steps"]:
         raise SpecError(f"start_step: {f['start_step']} is past the last step (steps: {f['steps']})")
@@ -529,8 +533,11 @@ def _order_axes(axes: list[Axis]) -> list[Axis]:
 def sweep_values(key: str, spec: Any, where: str, unique: bool = True) -> list[Any]:
     """A sweep axis: a list, ``{range: [start, stop, step]}``, ``{linspace: [a, b, n]}`` or ``{random: n}``."""
     entry = entry_weight(key)
-    if (key not in TASK_FIELDS or key in DERIVED_FIELDS) and (entry is None or entry[0] != "loras"):
-        raise SpecError(f"{where}: unknown task field; expected one of {', '.join(USER_FIELDS)} or loras.N.weight")
+    if (key not in TASK_FIELDS or key in DERIVED_FIELDS) and (entry is None or entry[0] == "mix"):
+        raise SpecError(
+            f"{where}: unknown task field; expected one of {', '.join(USER_FIELDS)}, loras.N.weight "
+            "or controlnet.N.scale"
+        )
     if isinstance(spec, list):
         if not spec:
             raise SpecError(f"{where}: empty list; give at least one value")

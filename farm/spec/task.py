@@ -38,6 +38,7 @@ BATCH_FIELDS = (
     "schedule_type",
     "clip_skip",
     "loras",
+    "controlnet_models",
 )
 
 
@@ -74,6 +75,22 @@ class Lora:
     path: str
     sha256: str
     weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet and its control image: diffusers' controlnet_conditioning_scale and
+    control_guidance_start/end, the image fitted to the task's size after ``preprocess``."""
+
+    model: str  # a diffusers ControlNet folder, a cached hub id or a .safetensors file
+    image: str  # absolute path (an animate job's ``source`` is resolved to each frame's own)
+    image_sha256: str
+    preprocess: str = "none"  # none or canny
+    low_threshold: int = 100  # canny's hysteresis thresholds (OpenCV), 0..255
+    high_threshold: int = 200
+    scale: float = 1.0  # 0: the image without the ControlNet, exactly
+    start: float = 0.0  # the share of the steps before it starts acting
+    end: float = 1.0  # the share of the steps after which it stops
 
 
 @dataclass(frozen=True)
@@ -142,6 +159,15 @@ class RenderTask:
     original_size: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] | None = None
+    # Animation that holds together (docs/animation.md): ControlNets with their control images.
+    controlnet: tuple[ControlNetUnit, ...] = ()
+    # A chained frame with flow: the previous frame's image is warped along the optical flow
+    # (this method) from source frame ``flow_from`` (the one before) to this frame's source.
+    flow: str | None = None
+    flow_from: str | None = None
+    # A frame of an animation from text after the first: img2img of the frame before, warped by
+    # Deforum's 2D motion (zoom, angle in degrees, translation x and y in pixels).
+    motion: tuple[float, float, float, float] | None = None
 
     @cached_property
     def task_id(self) -> str:
@@ -169,6 +195,9 @@ class RenderTask:
         fields["embeddings"] = tuple(Embedding(**e) for e in fields.get("embeddings", ()))
         fields["capture"] = tuple(fields.get("capture", ()))
         fields["loras"] = tuple(Lora(**entry) for entry in fields.get("loras", ()))
+        fields["controlnet"] = tuple(ControlNetUnit(**unit) for unit in fields.get("controlnet", ()))
+        if fields.get("motion") is not None:
+            fields["motion"] = tuple(fields["motion"])
         for name in PAIR_FIELDS:
             if fields.get(name) is not None:
                 fields[name] = tuple(fields[name])
@@ -206,11 +235,21 @@ class RenderTask:
         parts += [f"lora {Path(lora.path).stem} at {lora.weight:g}" for lora in self.loras]
         if self.frame is not None:
             parts.append(f"frame {self.frame}")
-        if self.previous:
+        if self.previous and self.motion is None:
             parts.append(f"blend {self.blend:g} of {self.previous[:8]}")
         if self.color_reference:
             parts.append(f"colours of {self.color_reference[:8]}")
+        if self.flow:
+            parts.append(f"{self.flow} flow")
+        if self.motion is not None:
+            parts.append("{} moved: zoom {:g} angle {:g} x {:g} y {:g}".format(self.previous[:8], *self.motion))
+        parts += [f"controlnet {Path(u.model).name} at {u.scale:g}" for u in self.controlnet]
         return ", ".join(parts)
+
+    @property
+    def controlnet_models(self) -> tuple[str, ...]:
+        """The ControlNet models the task runs, in order: a batch shares them (its images differ)."""
+        return tuple(unit.model for unit in self.controlnet)
 
     @property
     def batch_key(self) -> tuple:
@@ -223,7 +262,16 @@ INT_FIELDS = ("seed", "steps", "width", "height", "variation_seed", "start_step"
 PAIR_FIELDS = ("original_size", "target_size", "crops_coords_top_left")
 SEED_FIELDS = ("seed", "variation_seed")
 # Filled in from the file when the job is read, never written by the user.
-DERIVED_FIELDS = ("init_image_sha256", "frame", "previous", "blend", "color_reference")
+DERIVED_FIELDS = (
+    "init_image_sha256",
+    "frame",
+    "previous",
+    "blend",
+    "color_reference",
+    "flow",
+    "flow_from",
+    "motion",
+)
 USER_FIELDS = tuple(name for name in TASK_FIELDS if name not in DERIVED_FIELDS)
 
 
