@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 # The grid benchmark's prompts, negative prompt, guidance and CPU check (this script's folder is on sys.path).
-from grid_throughput import GUIDANCE, NEGATIVE_PROMPT, PROMPTS, busy_cpus
+from grid_throughput import GUIDANCE, NEGATIVE_PROMPT, PROMPTS, busy_cpus, in_own_farm_home
 
 MODELS = ("tiny", "tiny-xl")
 SCHEDULER = "euler"
@@ -330,14 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure(args)))
         return 0
-    own_home = not os.environ.get("FARM_HOME")
-    if own_home:
-        os.environ["FARM_HOME"] = tempfile.mkdtemp(prefix="farm-bench-home-")
-    try:
-        return benchmark(args)
-    finally:
-        if own_home:
-            shutil.rmtree(os.environ["FARM_HOME"], ignore_errors=True)
+    return in_own_farm_home(lambda: benchmark(args))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 PROMPTS = (
@@ -199,11 +200,17 @@ def rate(images: int, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return in_own_farm_home(lambda: benchmark(args))
+
+
+def in_own_farm_home(run: Callable[[], int]) -> int:
+    """``run()`` with $FARM_HOME in a temporary folder (removed after), unless the caller set one:
+    presets built for a benchmark never land in the user's cache."""
     own_home = not os.environ.get("FARM_HOME")
     if own_home:
         os.environ["FARM_HOME"] = tempfile.mkdtemp(prefix="farm-bench-home-")
     try:
-        return benchmark(args)
+        return run()
     finally:
         if own_home:
             shutil.rmtree(os.environ["FARM_HOME"], ignore_errors=True)
