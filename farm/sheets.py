@@ -6,8 +6,10 @@ Pure functions over PIL images and the manifest: no Ray, no torch. Images are re
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -143,10 +145,12 @@ def xy_plot(
     for i, value in enumerate(x_values):
         area = (left + i * cw, TITLE_HEIGHT, left + (i + 1) * cw, top)
         # A narrow cell gets the bare value: "7.5" reads better than "guidan...".
-        fits = draw.textlength(f"{x} = {_label(value)}", font=font) <= cw - 2 * PADDING
-        _text(draw, f"{x} = {_label(value)}" if fits else _label(value), font, area, centre=True)
+        fits = draw.textlength(f"{x} = {cell_label(value)}", font=font) <= cw - 2 * PADDING
+        _text(draw, f"{x} = {cell_label(value)}" if fits else cell_label(value), font, area, centre=True)
     for j, value in enumerate(y_values):
-        _text(draw, f"{y} = {_label(value)}", font, (0, top + j * ch, LABEL_WIDTH, top + (j + 1) * ch), centre=False)
+        _text(
+            draw, f"{y} = {cell_label(value)}", font, (0, top + j * ch, LABEL_WIDTH, top + (j + 1) * ch), centre=False
+        )
 
     info = PlotInfo(
         x=x,
@@ -217,12 +221,32 @@ def _distinct(values) -> list[Any]:
     return sorted(set(values), key=lambda v: (v is None, v if v is not None else 0))
 
 
-def _label(value: Any) -> str:
+def cell_label(value: Any) -> str:
+    """A column value as an X/Y plot labels it; a LoRA or ControlNet list (JSON text) as each entry's
+    weight (a ControlNet's scale) and file name, weight first so a narrow cell still shows it."""
     if value is None:
         return "null"
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, str) and value.startswith("[{"):
+        return entry_labels(value) or value
     return str(value)
+
+
+def entry_labels(text: str) -> str | None:
+    """``0.5 tiny-style, 1 other`` for a JSON list of {path or model, weight or scale}; None for other JSON."""
+    try:
+        entries = json.loads(text)
+    except ValueError:
+        return None
+    parts = []
+    for entry in entries if isinstance(entries, list) else [None]:
+        name = entry.get("path") or entry.get("model") if isinstance(entry, dict) else None
+        amount = entry.get("weight", entry.get("scale")) if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not isinstance(amount, int | float):
+            return None
+        parts.append(f"{amount:g} {PurePosixPath(name).stem}")
+    return ", ".join(parts)
 
 
 def _load(filesystem, base: str, image_path: str, missing: list[str]) -> Image.Image | None:

@@ -18,6 +18,7 @@ from farm.sheets import (
     LABEL_WIDTH,
     TITLE_HEIGHT,
     SheetError,
+    cell_label,
     contact_sheet,
     image_grid,
     xy_plot,
@@ -296,3 +297,18 @@ def test_a_sheet_with_no_image_file_left_is_one_line(tmp_path: Path):
     result = CliRunner().invoke(main, ["sheet", job, "-o", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and "no image file is left" in result.stderr
     assert len(result.output.splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "label"),
+    [
+        ('[{"path": "/jobs/loras/tiny-style.safetensors", "sha256": "ab", "weight": 0.5}]', "0.5 tiny-style"),
+        ('[{"path": "/a/x.safetensors", "weight": 1.0}, {"path": "y.safetensors", "weight": -0.25}]', "1 x, -0.25 y"),
+        ('[{"model": "org/canny-cn", "image": "/e.png", "scale": 1.5}]', "1.5 canny-cn"),
+        ('[{"prompt": "a dog", "weight": 0.6}]', '[{"prompt": "a dog", "weight": 0.6}]'),  # a mix: as it is
+        (0.75, "0.75"),
+        (None, "null"),
+    ],
+)
+def test_lora_and_controlnet_columns_are_labelled_by_name_and_weight(value, label):
+    assert cell_label(value) == label
