@@ -23,6 +23,7 @@ from farm import layout, manifest, metrics, storage
 from farm.errors import FarmError, RunFailed, Terminated
 from farm.layout import ANIMATION_FILE, IMAGES_DIR, JOB_FILE, MANIFEST_DIR, RUN_FILE, SUMMARY_FILE, random_base_of
 from farm.lock import JobLock
+from farm.loras import is_pickle
 from farm.manifest import failed_rows
 from farm.models import ModelError, resolve_model
 from farm.pool import ActorPlan, ActorPool, error_message, start_actors
@@ -419,7 +420,7 @@ def check_lora_files(spec: JobSpec, allow_pickle: bool) -> None:
         return
     for entries in {spec.defaults["loras"]} | swept_values(spec, "loras"):
         for lora in entries:
-            if not lora.path.lower().endswith(".safetensors"):
+            if is_pickle(lora.path):
                 raise FarmError(
                     f"loras: {lora.path} is not a .safetensors file; pickle files can run arbitrary code when "
                     "loaded: convert it to .safetensors, or pass --allow-pickle if you trust its source"
