@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 # The grid benchmark's prompts, negative prompt, guidance and CPU check (this script's folder is on sys.path).
-from grid_throughput import GUIDANCE, NEGATIVE_PROMPT, PROMPTS, busy_cpus, in_own_farm_home
+from grid_throughput import GUIDANCE, NEGATIVE_PROMPT, PROMPTS, busy_cpus, in_own_farm_home, warn_if_busy
 
 MODELS = ("tiny", "tiny-xl")
 SCHEDULER = "euler"
@@ -195,11 +195,7 @@ def benchmark(args: argparse.Namespace) -> int:
                     f"{model:<8} {size:>3}x{size:<3} {label:<12} {1 / per_image:>9.2f} {per_image * 1e3:>9.1f} "
                     f"{row['peak_rss'] / MIB:>15.0f} {overhead:>14}"
                 )
-    busy = [b for b in (busy_before, busy_cpus()) if b is not None]
-    if busy and max(busy) > 0.25 * (os.cpu_count() or 1):
-        before_after = " / ".join(f"{b:.1f}" for b in busy)
-        print(f"warning: other work kept {before_after} of {os.cpu_count()} CPUs busy (before / after the runs);")
-        print("         these figures are probably skewed: rerun on an idle machine")
+    warn_if_busy(busy_before)
     return 0
 
 

@@ -274,12 +274,17 @@ def benchmark(args: argparse.Namespace) -> int:
     print(f"ratio farm/plain, run_job vs loop (images/s):         {loop_s / job_s:.2f}x")
     print(f"ratio farm/plain, end to end (images/s):              {plain_total / farm_total:.2f}x")
     # Other work on the CPUs skews both modes badly (torch's threads contend), the plain loop most.
+    warn_if_busy(busy_before)
+    return 0
+
+
+def warn_if_busy(busy_before: float | None) -> None:
+    """Warn when other work kept over a quarter of the CPUs busy before or after the runs."""
     busy = [b for b in (busy_before, busy_cpus()) if b is not None]
     if busy and max(busy) > 0.25 * (os.cpu_count() or 1):
         before_after = " / ".join(f"{b:.1f}" for b in busy)
         print(f"warning: other work kept {before_after} of {os.cpu_count()} CPUs busy (before / after the runs);")
         print("         these figures are probably skewed: rerun on an idle machine")
-    return 0
 
 
 if __name__ == "__main__":
