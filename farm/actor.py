@@ -83,6 +83,7 @@ class BatchRenderer:
         model_config: str | None = None,
         threads: int | None = None,
         safety_check: SafetyCheck | None = None,
+        compile: bool = False,
     ) -> None:
         configure_torch(threads)
         import diffusers
@@ -101,6 +102,7 @@ class BatchRenderer:
         self.allow_pickle = allow_pickle
         self.model_config = model_config
         self.safety_check = safety_check
+        self.compile = compile  # the opt-in compiled render path (models.load_components)
         self.checker: Any = None  # the loaded safety checker, when the job asks for one
         self.node = socket.gethostname()
         self.actor_id = _actor_id()
@@ -124,7 +126,11 @@ class BatchRenderer:
             device = models.pick_device()
             own_checker = self.safety_check is not None and self.safety_check.checker is None
             self.components = models.load_components(
-                resolved, device, models.pick_dtype(device, self.requested_dtype), safety_checker=own_checker
+                resolved,
+                device,
+                models.pick_dtype(device, self.requested_dtype),
+                safety_checker=own_checker,
+                compile=self.compile,
             )
             if self.safety_check is not None:
                 from farm.safety import SafetyError, load_checker
@@ -340,6 +346,8 @@ class BatchRenderer:
         import diffusers
         import torch
 
+        from farm.models import render_path
+
         c = self.components
         return Producer(
             model_hash=c.model_hash,
@@ -351,6 +359,7 @@ class BatchRenderer:
             actor=self.actor_id,
             torch_version=torch.__version__,
             diffusers_version=diffusers.__version__,
+            render_path=render_path(c),
         )
 
 

@@ -56,6 +56,7 @@ class RenderOptions:
     flush_seconds: float = FLUSH_SECONDS
     progress: bool = True
     wait: bool = False  # another run holds the job folder: wait for it rather than refuse (farm.lock)
+    compile: bool = False  # channels_last + torch.compile for the UNet and VAE decode; recorded in rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,6 +380,7 @@ def render_locked(spec: JobSpec, options: RenderOptions, root: str, lock: JobLoc
                 options.allow_pickle,
                 spec.model_config,
                 spec.safety_check,
+                options.compile,
             )
             check_inputs(spec, actors[0])
             summary.actors = len(actors)

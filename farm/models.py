@@ -428,6 +428,10 @@ class Components:
     # check (load_components(safety_checker=True)); farm.safety runs them.
     safety_checker: Any = field(default=None, repr=False)
     feature_extractor: Any = field(default=None, repr=False)
+    # The render path (load_components(compile=True)): torch.compile's mode, None for eager, and
+    # whether the UNet and VAE hold channels_last weights. Both change the bytes: rows record them.
+    compile_mode: str | None = None
+    channels_last: bool = False
 
     @property
     def vae_scale_factor(self) -> int:
@@ -512,7 +516,9 @@ def default_single_file_config(model: ResolvedModel) -> str:
     return folder
 
 
-def load_components(model: ResolvedModel, device: str, dtype: str, safety_checker: bool = False) -> Components:
+def load_components(
+    model: ResolvedModel, device: str, dtype: str, safety_checker: bool = False, compile: bool = False
+) -> Components:
     """Load the model stack onto a device, in eval mode, with its content hash; with ``safety_checker``,
     the model's own safety checker and feature extractor too (farm.safety runs them)."""
     pipe = load_pipeline(model, dtype, safety_checker)
@@ -545,3 +551,20 @@ def load_components(model: ResolvedModel, device: str, dtype: str, safety_checke
         safety_checker=checker,
         feature_extractor=extractor,
     )
+
+
+def render_path(components: Components) -> dict[str, Any]:
+    """The manifest columns that say how the images were computed beyond the model and dtype: the
+    compiled path (compile_mode, channels_last, triton_version) and the GPU (name, CUDA, cuDNN)."""
+    import torch
+
+    cuda = components.device == "cuda"
+    cudnn = torch.backends.cudnn.version() if cuda else None
+    return {
+        "compile_mode": components.compile_mode,
+        "channels_last": components.channels_last,
+        "triton_version": None,
+        "gpu_name": torch.cuda.get_device_name() if cuda else None,
+        "cuda_version": torch.version.cuda if cuda else None,
+        "cudnn_version": str(cudnn) if cudnn is not None else None,
+    }

@@ -50,6 +50,9 @@ class Producer:
     actor: str
     torch_version: str
     diffusers_version: str
+    # The render path and the GPU (models.render_path): manifest columns of their own; a compiled
+    # path's also goes into the PNG, since it changes the bytes and farm reproduce must rebuild it.
+    render_path: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def write_outputs(
@@ -81,6 +84,7 @@ def write_outputs(
         "actor": producer.actor,
         "torch_version": producer.torch_version,
         "diffusers_version": producer.diffusers_version,
+        **producer.render_path,
     }
     rows = []
     for index, task in enumerate(batch.tasks):
@@ -96,6 +100,8 @@ def write_outputs(
             "dtype": producer.dtype,
             "scheduler_config": result.scheduler_config,
         }
+        if producer.render_path.get("compile_mode"):  # eager PNGs keep the bytes they always had
+            meta["render_path"] = producer.render_path
         if task.loras:
             meta["lora_hashes"] = a1111_lora_hashes(task.loras)
         if task.flow:

@@ -52,6 +52,7 @@ def start_actors(
     allow_pickle: bool,
     model_config: str | None,
     safety_check: SafetyCheck | None = None,
+    compile: bool = False,
 ) -> list[Any]:
     """Start the render actors; each loads ``model_ref`` before any batch.
 
@@ -71,7 +72,7 @@ def start_actors(
         max_task_retries=0,
     )(BatchRenderer)
     actors = [
-        remote.remote(job, job_root, model_ref, dtype, allow_pickle, model_config, plan.threads, safety_check)
+        remote.remote(job, job_root, model_ref, dtype, allow_pickle, model_config, plan.threads, safety_check, compile)
         for _ in range(plan.count)
     ]
     try:  # the model loads in each actor's __init__: ready() answers once it has, or raises why not
