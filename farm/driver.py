@@ -72,10 +72,14 @@ def cut_batches(tasks: Iterable[RenderTask], batch_size: int) -> Iterator[Batch]
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     chunk: list[RenderTask] = []
+    key: tuple | None = None  # the chunk's batch key, read once per chunk rather than per task
     for task in tasks:
-        if chunk and (task.batch_key != chunk[0].batch_key or len(chunk) == batch_size):
+        task_key = task.batch_key
+        if chunk and (task_key != key or len(chunk) == batch_size):
             yield Batch.of(chunk)
             chunk = []
+        if not chunk:
+            key = task_key
         chunk.append(task)
     if chunk:
         yield Batch.of(chunk)
@@ -91,6 +95,7 @@ class WorkQueue:
     """
 
     def __init__(self, batches: Iterable[Batch] = (), chains: Iterable[Iterable[Batch]] = ()) -> None:
+        self._ahead: Batch | None = None  # taken by peek, handed out by the next take
         self._free = iter(batches)
         self._free_done = False
         self._chains = iter(chains)
@@ -99,8 +104,17 @@ class WorkQueue:
         self._out: list[Batch | None] = []  # per open chain, its batch handed out (by identity)
         self._turn = 0  # the open chain asked first next time, so every chain gets its turn
 
+    def peek(self) -> Batch | None:
+        """The batch the next ``take`` hands out (the driver starts the actors on its model), or None."""
+        if self._ahead is None:
+            self._ahead = self.take()
+        return self._ahead
+
     def take(self) -> Batch | None:
         """The next batch that can start now, or None (for now, or for good: see ``empty``)."""
+        if self._ahead is not None:
+            batch, self._ahead = self._ahead, None
+            return batch
         if not self._free_done:
             batch = next(self._free, None)
             if batch is not None:
@@ -142,12 +156,36 @@ class WorkQueue:
 
     @property
     def empty(self) -> bool:
-        return self._free_done and self._chains_done and not self._open
+        return self._ahead is None and self._free_done and self._chains_done and not self._open
 
 
-def plan_work(spec: JobSpec, tasks: Iterable[RenderTask], done: set[str], batch_size: int) -> WorkQueue:
-    """The job's pending work: batches of the tasks not done, or for a chained animation one
-    chain per shot of its frames not done, one frame a batch."""
+@dataclass
+class Planned:
+    """What planning has streamed past so far: the tasks seen, those already done (skipped), and
+    whether it has seen them all. It runs beside the render (WorkQueue pulls it), never before it."""
+
+    seen: int = 0
+    skipped: int = 0
+    finished: bool = False
+
+
+def count_planned(tasks: Iterable[RenderTask], done: set[str], planned: Planned) -> Iterator[RenderTask]:
+    """``tasks``, counting each into ``planned`` as it goes by."""
+    for task in tasks:
+        planned.seen += 1
+        planned.skipped += task.task_id in done
+        yield task
+    planned.finished = True
+
+
+def plan_work(
+    spec: JobSpec, tasks: Iterable[RenderTask], done: set[str], batch_size: int, planned: Planned | None = None
+) -> WorkQueue:
+    """The job's pending work, planned lazily as it is taken: batches of the tasks not done, or for
+    a chained animation one chain per shot of its frames not done, one frame a batch. ``planned``
+    counts the tasks as planning reaches them."""
+    if planned is not None:
+        tasks = count_planned(tasks, done, planned)
     if spec.animation is not None and spec.animation.mode == "chained":
         chains = ((Batch.of([t]) for t in shot if t.task_id not in done) for shot in shots(spec, tasks))
         return WorkQueue(chains=chains)
@@ -353,17 +391,16 @@ def render_locked(spec: JobSpec, options: RenderOptions, root: str, lock: JobLoc
     """run_job once the job folder is ours: prepare it, skip what is done, render the rest."""
     import ray
 
-    # 2. Prepare the output folder and find what is already done
+    # 2. Prepare the output folder, find what is already done, and plan the work lazily: tasks are
+    #    expanded as batches are taken, so the first batch goes out while the rest is unplanned.
+    #    The count is arithmetic; the skipped ones are counted as planning passes them.
     random_base = prepare_output(spec, root)
     done = manifest.done_task_ids(root)
     summary = Summary(job_root=root, total=spec.count())
-    # The first task not done names the model the actors load at start-up.
-    first, todo = None, 0
-    for task in spec.tasks(random_base):
-        if task.task_id not in done:
-            first = first or task
-            todo += 1
-    summary.skipped = summary.total - todo
+    planned = Planned()
+    work = plan_work(spec, spec.tasks(random_base), done, options.batch_size, planned)
+    # The first batch not done names the model the actors load at start-up.
+    first = work.peek()
 
     start = time.perf_counter()
     if first is not None:
@@ -375,7 +412,7 @@ def render_locked(spec: JobSpec, options: RenderOptions, root: str, lock: JobLoc
                 plan,
                 spec.name,
                 root,
-                first.model,
+                first.tasks[0].model,
                 options.dtype,
                 options.allow_pickle,
                 spec.model_config,
@@ -386,11 +423,11 @@ def render_locked(spec: JobSpec, options: RenderOptions, root: str, lock: JobLoc
             summary.actors = len(actors)
             summary.startup = time.perf_counter() - start
             # 4. Dispatch batches with backpressure; write rows as they arrive
-            work = plan_work(spec, spec.tasks(random_base), done, options.batch_size)
-            dispatch(spec, root, actors, work, done, todo, options, summary, lock.check)
+            dispatch(spec, root, actors, work, done, planned, options, summary, lock.check)
         finally:
             if started:
                 stop_ray()
+    summary.skipped = planned.skipped
     # 5. An animation's videos, one per shot, and their flicker
     if spec.animation is not None:
         videos = write_shot_videos(spec, root, spec.tasks(random_base), done)
@@ -453,7 +490,7 @@ def dispatch(
     actors: list[Any],
     work: WorkQueue,
     done: set[str],
-    todo: int,
+    planned: Planned,
     options: RenderOptions,
     summary: Summary,
     guard: Callable[[], None] = lambda: None,
@@ -493,9 +530,15 @@ def dispatch(
         summary.errors.append(message)
         return failed_rows(spec.name, attempt.batch, message)
 
+    # The progress bar's total: exact once planning has passed every task; until then, what is
+    # left if every done task is one of this job's (a rerun's usual case).
+    todo = max(summary.total - len(done), 0)
     with RowSink(spec.name, root, done, summary, todo, options.flush_seconds, options.progress) as sink:
         while True:
             guard()
+            if planned.finished and todo != summary.total - planned.skipped:
+                todo = summary.total - planned.skipped
+                sink.set_total(todo)
             # 1. Hand work to every actor with room (and ask the rested ones whether they are back)
             pool.wake()
             for index in () if sink.stalled or stop else pool.free_slots():

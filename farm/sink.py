@@ -134,6 +134,11 @@ class RowSink:
         self.write_error: OSError | None = None  # the last flush's failure, while its rows wait
         self.bar = tqdm(total=todo, unit="img", disable=not progress, dynamic_ncols=True, desc=job)
 
+    def set_total(self, todo: int) -> None:
+        """The images this run renders, once planning knows them exactly (it runs beside the render)."""
+        self.bar.total = todo
+        self.bar.refresh()
+
     def __enter__(self) -> RowSink:
         return self
 

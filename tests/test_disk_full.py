@@ -19,7 +19,7 @@ from test_dispatch import JOB, FakeActor, fake_ray
 
 from farm import storage
 from farm.cli import main
-from farm.driver import RenderOptions, Summary, WorkQueue, cut_batches, dispatch
+from farm.driver import Planned, RenderOptions, Summary, WorkQueue, cut_batches, dispatch
 from farm.errors import FarmError
 from farm.manifest import base_row, read_manifest
 from farm.sink import RowSink
@@ -125,7 +125,8 @@ def run(actor: FakeActor, root: Path, done: set[str] | None = None) -> Summary:
     spec = parse_job(JOB)
     summary = Summary(job_root=str(root))
     options = RenderOptions(progress=False, retries=2, flush_seconds=0)
-    dispatch(spec, str(root), [actor], WorkQueue(cut_batches(spec.tasks(), 1)), done or set(), 6, options, summary)
+    work = WorkQueue(cut_batches(spec.tasks(), 1))
+    dispatch(spec, str(root), [actor], work, done or set(), Planned(), options, summary)
     return summary
 
 

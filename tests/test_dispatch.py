@@ -21,7 +21,16 @@ from ray.exceptions import RayActorError, RayError
 
 from farm import pool as pool_module
 from farm import sink as sink_module
-from farm.driver import MAX_ACTOR_LOSSES, RenderOptions, Summary, WorkQueue, cut_batches, dispatch
+from farm.driver import (
+    MAX_ACTOR_LOSSES,
+    Planned,
+    RenderOptions,
+    Summary,
+    WorkQueue,
+    cut_batches,
+    dispatch,
+    plan_work,
+)
 from farm.manifest import base_row, read_manifest
 from farm.pool import IN_FLIGHT_PER_ACTOR, ActorPool
 from farm.sink import RowSink
@@ -105,7 +114,7 @@ def run(actors: list[FakeActor], work: WorkQueue, tmp_path: Path, done: set[str]
     spec = parse_job(JOB)
     summary = Summary(job_root=str(tmp_path / "d"))
     settings = RenderOptions(progress=False, **{"retries": 2, "flush_seconds": 60.0, **options})
-    dispatch(spec, summary.job_root, actors, work, set() if done is None else done, 6, settings, summary)
+    dispatch(spec, summary.job_root, actors, work, set() if done is None else done, Planned(), settings, summary)
     rows = read_manifest(summary.job_root).to_pylist() if (tmp_path / "d" / "manifest").exists() else []
     return summary, rows
 
@@ -193,6 +202,49 @@ def test_a_failed_chain_batch_fails_the_rest_of_its_chain(tmp_path: Path):
     for prompt in ("c", "d"):
         assert status[prompt][0] == "failed" and status[prompt][1].startswith("not rendered: frame ")
     assert (summary.rendered, summary.failed) == (1, 3)
+
+
+def test_the_first_batch_goes_out_before_the_rest_of_the_job_is_planned(tmp_path: Path):
+    """Planning streams: a 1,200-task job's first batch is rendered when only its own tasks (and
+    one task of lookahead) have been expanded, and planning counts every task by the end."""
+    spec = parse_job("name: d\ndefaults: {steps: 2, width: 64, height: 64}\nsweep: {seed: {range: [0, 1200]}}\n")
+    pulled = [0]
+
+    def stream():
+        for task in spec.tasks():
+            pulled[0] += 1
+            yield task
+
+    at_first: list[int] = []
+    actor = FakeActor(fate=lambda batch: at_first.append(pulled[0]))
+    planned = Planned()
+    work = plan_work(spec, stream(), set(), 4, planned)
+    summary = Summary(job_root=str(tmp_path / "d"), total=spec.count())
+    dispatch(spec, summary.job_root, [actor], work, set(), planned, RenderOptions(progress=False), summary)
+    assert at_first[0] <= 4 + 1
+    assert (planned.seen, planned.skipped, planned.finished) == (1200, 0, True)
+    assert summary.rendered == 1200
+
+
+def test_planning_counts_the_tasks_already_done_as_it_passes_them(tmp_path: Path):
+    spec = parse_job(JOB)
+    done = {t.task_id for t in tasks()[1:4]}
+    planned = Planned()
+    work = plan_work(spec, spec.tasks(), set(done), 2, planned)
+    batches = []
+    while (batch := work.take()) is not None:
+        batches.append(batch)
+    assert (planned.seen, planned.skipped, planned.finished) == (6, 3, True)
+    # batches of two: [a, boom] has boom to do, [c, d] is all done, [e, f] is to do
+    assert [[t.prompt for t in b.tasks] for b in batches] == [["a", "boom"], ["e", "f"]]
+
+
+def test_peek_shows_the_batch_that_take_hands_out_next():
+    work = WorkQueue(cut_batches(tasks(), 4))
+    first = work.peek()
+    assert work.peek() is first and not work.empty
+    assert work.take() is first
+    assert work.take() is not first and work.take() is None and work.empty
 
 
 def test_an_actor_pool_fills_in_rounds_one_slot_per_actor():

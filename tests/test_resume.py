@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.driver import RenderOptions, Summary, WorkQueue, cut_batches, dispatch, run_job
+from farm.driver import Planned, RenderOptions, Summary, WorkQueue, cut_batches, dispatch, run_job
 from farm.manifest import read_manifest
 from farm.spec import load_job
 
@@ -112,7 +112,8 @@ def test_a_batch_that_keeps_failing_gets_failed_rows_and_the_job_goes_on(ray_ses
     actor = Flaky.remote()
     summary = Summary(job_root=str(tmp_path / "flaky"))
     options = RenderOptions(batch_size=1, retries=2, progress=False)
-    dispatch(spec, summary.job_root, [actor], WorkQueue(cut_batches(spec.tasks(), 1)), set(), 3, options, summary)
+    work = WorkQueue(cut_batches(spec.tasks(), 1))
+    dispatch(spec, summary.job_root, [actor], work, set(), Planned(), options, summary)
     rows = {r["prompt"]: r for r in read_manifest(summary.job_root).to_pylist()}
     assert (summary.rendered, summary.failed) == (2, 1)
     assert rows["boom"]["status"] == "failed" and "cannot render boom" in rows["boom"]["error"]

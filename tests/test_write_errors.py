@@ -27,7 +27,7 @@ from test_dispatch import FakeActor, fake_ray
 from farm import driver, storage
 from farm.actor import BatchRenderer
 from farm.cli import main
-from farm.driver import RenderOptions, Summary, WorkQueue, cut_batches, dispatch
+from farm.driver import Planned, RenderOptions, Summary, WorkQueue, cut_batches, dispatch
 from farm.errors import FarmError
 from farm.manifest import read_manifest
 from farm.spec import Batch, parse_job
@@ -116,7 +116,7 @@ def test_an_images_folder_that_stops_taking_writes_fails_its_batches_once_and_st
     summary = Summary(job_root=str(root))
     options = RenderOptions(progress=False, retries=2, flush_seconds=0)
     with pytest.raises(RowsNotWritten) as failed:
-        dispatch(spec, str(root), [actor], WorkQueue(cut_batches(spec.tasks(), 1)), set(), 4, options, summary)
+        dispatch(spec, str(root), [actor], WorkQueue(cut_batches(spec.tasks(), 1)), set(), Planned(), options, summary)
 
     assert len(actor.batches) == 2  # the two in flight, once each: no retries, no new work
     first = [t.task_id for t in spec.tasks()][0]
