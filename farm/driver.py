@@ -320,22 +320,25 @@ def _ray_descendants(since: float) -> list[Any]:
     return found
 
 
-def plan_actors(resources: dict[str, float], options: RenderOptions) -> ActorPlan:
+def plan_actors(resources: dict[str, float], options: RenderOptions, tasks: int | None = None) -> ActorPlan:
     """How many actors, and what each asks Ray for, from the cluster's resources and the options.
 
     ``--device auto``: one actor per GPU where the cluster has GPUs now, else one single-threaded
     actor per CPU. ``cuda``: GPU actors even before any GPU node is up (an autoscaling cluster
     adds nodes for them), so ``--actors`` is needed when there is none yet. ``cpu``: CPU actors.
+    Without ``--actors``, no more actors than ``tasks`` (at most that many are left): an actor
+    with nothing to do would only slow the others' start-up, all importing torch at once.
     """
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1)) or 1
     use_gpu = options.device == "cuda" or (options.device == "auto" and gpus > 0)
+    cap = max(tasks, 1) if tasks is not None else None
     if use_gpu:
-        count = options.actors or gpus
+        count = options.actors or min(gpus, cap or gpus)
         if not count:
             raise FarmError("--device cuda: the cluster has no GPU yet; give --actors N and it scales up for them")
         return ActorPlan(count, 1, 1.0, None)
-    count = options.actors or cpus
+    count = options.actors or min(cpus, cap or cpus)
     # More actors than CPUs still all start (sharing cores) rather than wait forever.
     return ActorPlan(count, 0, min(1.0, cpus / count), CPU_THREADS)
 
@@ -402,12 +405,14 @@ def render_locked(spec: JobSpec, options: RenderOptions, root: str, lock: JobLoc
     # The first batch not done names the model the actors load at start-up.
     first = work.peek()
 
-    start = time.perf_counter()
+    start = summary.since
     if first is not None:
         # 3. Start or join Ray, and the actors (each loads the model once)
         started = start_ray(options.address)
+        summary.ray_start = time.perf_counter() - start
         try:
-            plan = plan_actors(ray.cluster_resources(), options)
+            # At most as many actors as tasks left (an upper bound: done ids may be other jobs')
+            plan = plan_actors(ray.cluster_resources(), options, max(summary.total - len(done), 1))
             actors = start_actors(
                 plan,
                 spec.name,

@@ -48,6 +48,9 @@ class Summary:
     withheld: int = 0  # flagged by the job's safety check: done, no image written
     elapsed: float = 0.0
     startup: float = 0.0  # Ray start + actor start and model load, within elapsed
+    ray_start: float = 0.0  # of startup: starting or joining Ray
+    first_image: float | None = None  # seconds from the run's start to its first image's row
+    since: float = field(default_factory=time.perf_counter, repr=False)  # the run's start (perf_counter)
     actors: int = 0
     errors: list[str] = field(default_factory=list)
     videos: list[str] = field(default_factory=list)  # animate and walk jobs: one per shot
@@ -76,6 +79,8 @@ class Summary:
             "elapsed_s": round(self.elapsed, 3),
             "images_per_s": round(self.images_per_second, 3),
             "startup_s": round(self.startup, 3),
+            "ray_start_s": round(self.ray_start, 3),
+            "first_image_s": None if self.first_image is None else round(self.first_image, 3),
             "rendering_images_per_s": round(self.rendering_images_per_second, 3),
             "actors": self.actors,
             "errors": self.errors[:20],
@@ -162,6 +167,8 @@ class RowSink:
         withheld = sum(r["status"] == "withheld" for r in images)
         summary = self.summary
         summary.rendered += ok
+        if ok and summary.first_image is None:
+            summary.first_image = time.perf_counter() - summary.since
         summary.withheld += withheld
         summary.failed += len(images) - ok - withheld
         failures = (r["error"] for r in images if r["status"] == "failed")

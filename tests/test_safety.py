@@ -52,6 +52,19 @@ def test_actor_plan(resources, options, plan):
     assert (got.count, got.num_gpus, got.num_cpus, got.threads) == plan
 
 
+@pytest.mark.parametrize(
+    ("resources", "options", "tasks", "count"),
+    [
+        ({"CPU": 2}, {}, 1, 1),  # a one-image job starts one actor, not one per core
+        ({"CPU": 16, "GPU": 4}, {}, 3, 3),
+        ({"CPU": 2}, {}, 100, 2),
+        ({"CPU": 2}, {"actors": 3}, 1, 3),  # --actors is the user's word
+    ],
+)
+def test_without_actors_no_more_actors_start_than_tasks_are_left(resources, options, tasks, count):
+    assert driver.plan_actors(resources, driver.RenderOptions(**options), tasks).count == count
+
+
 def test_cuda_actors_on_a_cluster_without_gpus_need_a_count():
     with pytest.raises(driver.FarmError, match="--device cuda: the cluster has no GPU yet; give --actors N"):
         driver.plan_actors({"CPU": 4}, driver.RenderOptions(device="cuda"))
