@@ -23,12 +23,23 @@ from farm.errors import FarmError, FatalRenderError
 from farm.spec import Batch, SafetyCheck
 
 # One batch rendering and one queued per actor: the actor never waits for the driver, and
-# no more than two batches of work are lost with it if it dies.
+# no more than two batches of work are lost with it if it dies. The actor runs that many calls
+# at once (threads): one batch on the model at a time (BatchRenderer.lock), while the one before
+# it finishes writing its PNGs (on a GPU actor, in its PNG pool), so the GPU does not wait for them.
 IN_FLIGHT_PER_ACTOR = 2
 # An actor that died rests before it is asked whether Ray has restarted it: a restart
 # imports torch and loads the model (seconds), and calls before that fail at once.
 ACTOR_REST_SECONDS = 1.0
 MAX_ACTOR_REST_SECONDS = 30.0
+# A Ray call costs the driver about a millisecond, so batches that render in less (a null actor,
+# a tiny model) would cap the driver near a thousand batches a second. Once replies show batches
+# that quick, several go in one call, enough for about GROUP_SECONDS of work: a call of real
+# renders (tenths of a second and up) stays one batch, and an actor that dies loses no more
+# than IN_FLIGHT_PER_ACTOR x GROUP_SECONDS of work. MAX_GROUP bounds a call's size whatever the rate.
+GROUP_SECONDS = 0.05
+MAX_GROUP = 32
+# How much each reply moves the estimate of a batch's render time (an exponential average).
+GROUP_SMOOTHING = 0.2
 
 Ticket = TypeVar("Ticket")
 
@@ -70,6 +81,14 @@ def start_actors(
         # A call is never retried by Ray: the driver decides what happens to the batch.
         max_restarts=-1,
         max_task_retries=0,
+        # A threaded actor: each batch it holds runs in its own thread, so one can write its PNGs
+        # while the next denoises (BatchRenderer serialises the model work itself). Ray then runs
+        # calls in any order, which changes nothing: batches are independent, a chain's next frame
+        # is only sent once the frame before has its rows. And ready() answers without waiting
+        # for a render: the pool asks it only of a resting actor, whose calls failed (it died, so
+        # the restarted process has none; or it was unreachable, and a render still running there
+        # only means later batches queue in Ray behind the ones it holds, the lock keeping them apart).
+        max_concurrency=IN_FLIGHT_PER_ACTOR,
     )(BatchRenderer)
     actors = [
         remote.remote(job, job_root, model_ref, dtype, allow_pickle, model_config, plan.threads, safety_check, compile)
@@ -119,8 +138,10 @@ class Reply(Generic[Ticket]):
 
     ``lost`` is set when the actor died or is restarting (not the batch's fault); ``error``
     when the render raised, and ``fatal`` when that error says a retry cannot help; ``stop`` is
-    the write error when no other batch could be written either (a full disk). The ticket is
-    whatever the driver handed in with the batch.
+    the write error when no other batch could be written either (a full disk); ``alone`` when
+    the call that carried it with other batches failed as a whole (nothing says which batch
+    caused it: each should go again in a call of its own). The ticket is whatever the driver
+    handed in with the batch.
     """
 
     ticket: Ticket
@@ -129,6 +150,14 @@ class Reply(Generic[Ticket]):
     error: BaseException | None = None
     fatal: bool = False
     stop: OSError | None = None
+    alone: bool = False
+
+
+def error_reply(ticket: Ticket, exc: BaseException) -> Reply[Ticket]:
+    """The reply for a batch whose render raised ``exc`` (Ray's error, or the one the actor returned)."""
+    fatal = fatal_cause(exc)
+    # stop: the write error a fatal one carries when no batch's writes could succeed (a full disk)
+    return Reply(ticket, error=exc, fatal=fatal is not None, stop=getattr(fatal, "write_error", None))
 
 
 class ActorPool(Generic[Ticket]):
@@ -138,15 +167,30 @@ class ActorPool(Generic[Ticket]):
         self.actors = actors
         self.limit = in_flight_per_actor
         self.load = [0] * len(actors)
-        self.in_flight: dict[Any, tuple[int, Ticket]] = {}  # render call -> actor index, ticket
+        # render call -> actor index, its batches' tickets, when it was sent
+        self.in_flight: dict[Any, tuple[int, list[Ticket], float]] = {}
         self.resting: dict[int, float] = {}  # actor index -> when to ask it whether it is back
         self.rests = [0] * len(actors)  # consecutive failed asks, for the back-off
         self.probes: dict[Any, int] = {}  # ready() calls in flight -> actor index
+        self.answered = [0.0] * len(actors)  # when each actor last answered a call (time.monotonic())
+        self.batch_seconds: float | None = None  # an actor's time per batch, from its replies
 
     @property
     def busy(self) -> int:
-        """Batches handed out and not yet answered."""
+        """Calls handed out and not yet answered."""
         return len(self.in_flight)
+
+    @property
+    def batches_out(self) -> int:
+        """Batches handed out and not yet answered."""
+        return sum(len(tickets) for _, tickets, _ in self.in_flight.values())
+
+    def group_size(self) -> int:
+        """How many batches the next call carries: one, until replies show batches render in well
+        under GROUP_SECONDS; then enough for about that much work (at most MAX_GROUP)."""
+        if self.batch_seconds is None or self.batch_seconds >= GROUP_SECONDS:
+            return 1
+        return max(1, min(MAX_GROUP, int(GROUP_SECONDS / max(self.batch_seconds, 1e-6))))
 
     def wake(self) -> None:
         """Ask each actor whose rest is over whether it is back (one ask at a time per actor)."""
@@ -172,9 +216,11 @@ class ActorPool(Generic[Ticket]):
             if not found:
                 return
 
-    def submit(self, index: int, batch: Batch, skip: frozenset[str], ticket: Ticket) -> None:
-        """Send ``batch`` to actor ``index``; its tasks in ``skip`` are not rendered again."""
-        self.in_flight[self.actors[index].render.remote(batch, skip)] = (index, ticket)
+    def submit(self, index: int, batches: list[Batch], skips: list[frozenset[str]], tickets: list[Ticket]) -> None:
+        """Send ``batches`` to actor ``index`` in one call (``BatchRenderer.render_batches``); the tasks
+        in each one's ``skips`` entry are not rendered again. A call takes one of the actor's slots."""
+        call = self.actors[index].render_batches.remote(batches, skips)
+        self.in_flight[call] = (index, tickets, time.monotonic())
         self.load[index] += 1
 
     def wait(self, deadline: float | None = None) -> list[Reply[Ticket]]:
@@ -207,19 +253,36 @@ class ActorPool(Generic[Ticket]):
                 except RayError:
                     self.rest(index)
                 continue
-            index, ticket = self.in_flight.pop(ref)
+            index, tickets, sent = self.in_flight.pop(ref)
             self.load[index] -= 1
             try:
-                replies.append(Reply(ticket, rows=ray.get(ref)))
+                outcomes = ray.get(ref)
             except RayActorError as exc:  # the actor died or is restarting: it rests
                 self.rest(index)
-                replies.append(Reply(ticket, lost=exc))
-            except RayError as exc:  # the render raised
-                fatal = fatal_cause(exc)
-                # stop: the write error a fatal one carries when no batch's writes could succeed (a full disk)
-                stop = getattr(fatal, "write_error", None)
-                replies.append(Reply(ticket, error=exc, fatal=fatal is not None, stop=stop))
+                replies.extend(Reply(ticket, lost=exc) for ticket in tickets)
+                continue
+            except RayError as exc:  # the call raised: its batch's error, or one of several's
+                if len(tickets) > 1:
+                    replies.extend(Reply(ticket, error=exc, alone=True) for ticket in tickets)
+                else:
+                    replies.append(error_reply(tickets[0], exc))
+                continue
+            self.timed(index, sent, len(tickets))
+            for ticket, outcome in zip(tickets, outcomes, strict=True):
+                if isinstance(outcome, BaseException):  # the render raised; the actor says so
+                    replies.append(error_reply(ticket, outcome))
+                else:
+                    replies.append(Reply(ticket, rows=outcome))
         return replies
+
+    def timed(self, index: int, sent: float, batches: int) -> None:
+        """Update the time per batch from a call's reply: the actor worked on it from when it was
+        sent or from its reply before (two calls are queued at an actor), whichever came later."""
+        now = time.monotonic()
+        seconds = (now - max(sent, self.answered[index])) / batches
+        self.answered[index] = now
+        previous = self.batch_seconds
+        self.batch_seconds = seconds if previous is None else previous + GROUP_SMOOTHING * (seconds - previous)
 
     def rest(self, index: int) -> None:
         """Give actor ``index`` no work for a while, twice as long as last time (to a limit)."""
