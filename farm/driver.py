@@ -8,11 +8,7 @@ videos are written at the end by ``farm.stitch``.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import secrets
-import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from farm import layout, manifest, metrics, storage
-from farm.errors import FarmError, RunFailed, Terminated
+from farm.cluster import start_ray, stop_ray
+from farm.errors import FarmError, RunFailed
 from farm.layout import ANIMATION_FILE, IMAGES_DIR, JOB_FILE, MANIFEST_DIR, RUN_FILE, SUMMARY_FILE, random_base_of
 from farm.lock import JobLock
 from farm.loras import is_pickle
@@ -215,109 +212,7 @@ def prepare_output(spec: JobSpec, root: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Ray
-
-
-# When this process started its embedded Ray (time.time()), or None: Ray is one per process, and
-# so is this. stop_ray ends only Ray processes of ours created since (never another Ray's).
-_embedded_since: float | None = None
-# Ray's processes: its daemons by name; its workers and agents by the title they give themselves.
-RAY_DAEMONS = ("raylet", "gcs_server")
-RAY_TITLE = "ray::"
-# After ray.shutdown, what is left of our Ray gets this long to exit on SIGTERM before SIGKILL.
-RAY_STOP_SECONDS = 1.0
-RAY_TOKEN_NOTICE = "ray._private.authentication.authentication_token_setup"
-
-
-def start_ray(address: str | None) -> bool:
-    """Join a cluster at ``address``, or start an embedded local Ray. True if we started it.
-
-    Ray's init replaces the process's SIGTERM handler with one that exits at once (code 15,
-    nothing saved, nothing shut down); the caller's handler is put back. A start that does not
-    finish (it fails, or Ctrl-C or SIGTERM comes mid-start) shuts down what it had started, so
-    no Ray process outlives us.
-    """
-    import ray
-
-    global _embedded_since
-    if ray.is_initialized():
-        return False
-    _embedded_since = None if address else time.time()
-    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
-    # Ray 2.60 turns token authentication on for a new local Ray and warns about it on every
-    # start: farm wants it on (docs/cluster.md), so the notice is only noise above the summary.
-    logging.getLogger(RAY_TOKEN_NOTICE).setLevel(logging.ERROR)
-    main_thread = threading.current_thread() is threading.main_thread()
-    term_handler = signal.getsignal(signal.SIGTERM) if main_thread else None
-    try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            # "local" always starts a new Ray, never joins one named by RAY_ADDRESS or `ray start`;
-            # it serves no dashboard: nothing listens beyond what Ray itself needs.
-            ray.init(address="local", include_dashboard=False, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        stop_ray()
-        raise FarmError(f"--address {address or 'local'}: cannot start or join Ray: {exc}") from exc
-    except SystemExit as exc:  # Ray's own SIGTERM handler, in force while its init runs
-        stop_ray()
-        if exc.code == signal.SIGTERM:
-            raise Terminated() from None
-        raise
-    except BaseException:
-        stop_ray()
-        raise
-    finally:
-        if term_handler is not None:
-            signal.signal(signal.SIGTERM, term_handler)
-    return True
-
-
-def stop_ray() -> None:
-    """Shut down the Ray that start_ray started, and whatever of an embedded one is left.
-
-    ray.shutdown stops what ray.init started (raylet, GCS), not what the raylet started: its
-    agents (dashboard, runtime env) and workers. Those follow the raylet within seconds, except
-    when it goes mid-start (a SIGTERM during start-up): then the agents wait up to a minute to
-    report its death to a GCS that is gone too. So the embedded Ray's processes among this
-    process's descendants (listed before shutdown orphans them) that outlive it are ended.
-    """
-    import ray
-
-    global _embedded_since
-    since, _embedded_since = _embedded_since, None
-    leftovers = _ray_descendants(since) if since is not None else []
-    ray.shutdown()
-    if not leftovers:
-        return
-    import psutil  # Ray's own (it ships one), present wherever Ray is
-
-    for process in leftovers:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(leftovers, timeout=RAY_STOP_SECONDS)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-
-
-def _ray_descendants(since: float) -> list[Any]:
-    """Ray's processes among this process's descendants created since ``since`` (psutil.Process)."""
-    try:
-        import psutil
-    except ImportError:  # no psutil: ray.shutdown alone, as before
-        return []
-    found = []
-    with contextlib.suppress(psutil.Error):
-        for process in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                command = process.cmdline()
-                # a worker's or agent's title; or Ray's own Python scripts (dashboard, log monitor)
-                ray_own = process.name() in RAY_DAEMONS or (command and command[0].startswith(RAY_TITLE))
-                ray_own = ray_own or any("/ray/" in part for part in command[1:2])
-                if ray_own and process.create_time() >= since - 1:
-                    found.append(process)
-    return found
+# Actors
 
 
 def plan_actors(resources: dict[str, float], options: RenderOptions, tasks: int | None = None) -> ActorPlan:
@@ -487,6 +382,7 @@ class Attempt:
     batch: Batch
     failures: int = 0  # renders that raised
     losses: int = 0  # actors that died rendering it
+    alone: bool = False  # its call of several batches failed as a whole: it goes in a call of its own
 
 
 def dispatch(
@@ -530,6 +426,18 @@ def dispatch(
         batch = work.take()
         return Attempt(batch) if batch else None
 
+    def next_call(size: int) -> list[Attempt]:
+        """Up to ``size`` attempts for one call (pool.group_size); one to go alone goes alone."""
+        call: list[Attempt] = []
+        while len(call) < size and (attempt := next_attempt()) is not None:
+            if attempt.alone and call:
+                retry.appendleft(attempt)
+                break
+            call.append(attempt)
+            if attempt.alone:
+                break
+        return call
+
     def give_up(attempt: Attempt, message: str) -> list[dict[str, Any]]:
         metrics.record_failed(spec.name, len(attempt.batch.tasks))
         summary.errors.append(message)
@@ -547,10 +455,10 @@ def dispatch(
             # 1. Hand work to every actor with room (and ask the rested ones whether they are back)
             pool.wake()
             for index in () if sink.stalled or stop else pool.free_slots():
-                if (attempt := next_attempt()) is None:
+                if not (call := next_call(pool.group_size())):
                     break
-                pool.submit(index, attempt.batch, sink.done_in(attempt.batch), attempt)
-            metrics.set_queue_depth(spec.name, pool.busy + len(retry))
+                pool.submit(index, [a.batch for a in call], [sink.done_in(a.batch) for a in call], call)
+            metrics.set_queue_depth(spec.name, pool.batches_out + len(retry))
             if not pool.busy and stop is not None:  # the batches in flight are in: write their rows, end
                 sink.flush()
                 raise RowsNotWritten(stop.filename or root, stop, summary.rendered) from stop
@@ -562,6 +470,9 @@ def dispatch(
             # 2. Wait for a batch's answer (or a rest's end, or buffered rows falling due)
             for reply in pool.wait(sink.due_at()):
                 attempt = reply.ticket
+                if reply.alone:  # not necessarily this batch's fault: once more, on its own
+                    retry.append(replace(attempt, alone=True))
+                    continue
                 if reply.lost is not None:  # the actor died or is restarting: not the batch's fault
                     if attempt.losses < MAX_ACTOR_LOSSES:
                         retry.append(replace(attempt, losses=attempt.losses + 1))

@@ -42,6 +42,11 @@ class FatalRenderError(FarmError):
         self.write_error = write_error
 
 
+class BatchFailed(FarmError):
+    """A batch's render raised (any error but farm's own, which travel as they are): its message, in
+    a form that always crosses Ray, so one batch of several sent in one call fails on its own."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``ray job stop``, a scheduler), raised where Ctrl-C raises KeyboardInterrupt, so a
     render ends the same way (finished batches saved, lock released, Ray shut down) and the CLI

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from pyarrow import fs as pafs
 from test_dispatch import JOB, FakeActor, fake_ray
 
+from farm import pool as pool_module
 from farm import storage
 from farm.cli import main
 from farm.driver import Planned, RenderOptions, Summary, WorkQueue, cut_batches, dispatch
@@ -24,6 +25,12 @@ from farm.errors import FarmError
 from farm.manifest import base_row, read_manifest
 from farm.sink import RowSink
 from farm.spec import Batch, parse_job
+
+
+@pytest.fixture(autouse=True)
+def one_batch_a_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake actors answer at once, which would group their batches; these rules are each batch's."""
+    monkeypatch.setattr(pool_module, "MAX_GROUP", 1)
 
 
 class HalfWritten:

@@ -72,8 +72,9 @@ class FakeActor:
         self.held: set[Ref] = set()  # render calls not yet got
         self.most = 0  # the most render calls it held at once
         self.batches: list[tuple[Batch, frozenset[str]]] = []
+        self.calls: list[int] = []  # batches per render call
         self.probes = 0
-        self.render = Method(self, self._render, held=True)
+        self.render_batches = Method(self, self._render_batches, held=True)
         self.ready = Method(self, self._ready, held=False)
 
     def _render(self, batch: Batch, skip: frozenset[str]) -> list[dict[str, Any]]:
@@ -82,6 +83,19 @@ class FakeActor:
         return [
             base_row("d", t, batch, i) | {"status": "ok"} for i, t in enumerate(batch.tasks) if t.task_id not in skip
         ]
+
+    def _render_batches(self, batches: list[Batch], skips: list[frozenset[str]]) -> list[Any]:
+        """As BatchRenderer.render_batches: each batch's rows or its error; a lost actor loses the call."""
+        self.calls.append(len(batches))
+        outcomes: list[Any] = []
+        for batch, skip in zip(batches, skips, strict=True):
+            try:
+                outcomes.append(self._render(batch, skip))
+            except RayActorError:
+                raise
+            except RayError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def _ready(self) -> bool:
         self.probes += 1
@@ -108,6 +122,9 @@ def fake_ray() -> SimpleNamespace:
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", fake_ray())
     monkeypatch.setattr(pool_module, "ACTOR_REST_SECONDS", 0.001)  # rests in milliseconds, not seconds
+    # Fake actors answer at once, which would send them several batches a call: the rules below
+    # are each batch's, so one batch a call (as real renders get); grouping has its own tests.
+    monkeypatch.setattr(pool_module, "MAX_GROUP", 1)
 
 
 def run(actors: list[FakeActor], work: WorkQueue, tmp_path: Path, done: set[str] | None = None, **options: Any):
@@ -247,13 +264,72 @@ def test_peek_shows_the_batch_that_take_hands_out_next():
     assert work.take() is not first and work.take() is None and work.empty
 
 
+# ---------------------------------------------------------------------------------------
+# Several batches a call, once batches render in milliseconds (farm.pool.group_size)
+
+MANY = "name: d\ndefaults: {steps: 2, width: 64, height: 64}\nsweep: {seed: {range: [0, 40]}}\n"
+
+
+def test_the_group_size_follows_the_time_a_batch_takes(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(pool_module, "MAX_GROUP", 32)
+    pool = ActorPool([FakeActor()])
+    assert pool.group_size() == 1  # nothing measured yet: one batch a call
+    for seconds, size in ((0.5, 1), (pool_module.GROUP_SECONDS, 1), (pool_module.GROUP_SECONDS / 5, 5), (1e-6, 32)):
+        pool.batch_seconds = seconds
+        assert pool.group_size() == size
+
+
+def test_batches_that_render_at_once_go_several_to_a_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(pool_module, "MAX_GROUP", 4)
+    spec = parse_job(MANY)
+    actor = FakeActor()
+    summary = Summary(job_root=str(tmp_path / "d"), total=40)
+    work = WorkQueue(cut_batches(spec.tasks(), 1))
+    dispatch(spec, summary.job_root, [actor], work, set(), Planned(), RenderOptions(progress=False), summary)
+    assert summary.rendered == 40 and sum(actor.calls) == 40  # every batch once
+    assert actor.calls[0] == 1 and max(actor.calls) == 4  # one until timed, then up to MAX_GROUP
+    assert len(actor.calls) < 20
+    rows = read_manifest(summary.job_root).to_pylist()
+    assert sorted(r["seed"] for r in rows) == list(range(40))
+
+
+def test_a_batch_that_fails_among_others_in_a_call_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(pool_module, "MAX_GROUP", 4)
+    actor = FakeActor(fate=boom)
+    summary, rows = run([actor], WorkQueue(cut_batches(tasks(), 1)), tmp_path, retries=1)
+    assert (summary.rendered, summary.failed) == (5, 1)
+    assert {r["prompt"] for r in rows if r["status"] == "failed"} == {"boom"}
+    assert [b.tasks[0].prompt for b, _ in actor.batches].count("boom") == 2  # tried 1 + 1 retry
+
+
+def test_a_call_that_fails_as_a_whole_sends_its_batches_again_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Nothing says which batch broke the call: each goes again alone, and only the one at fault
+    uses up its retries; the others render."""
+    monkeypatch.setattr(pool_module, "MAX_GROUP", 4)
+
+    class WholeCall(FakeActor):
+        def _render_batches(self, batches, skips):
+            self.calls.append(len(batches))
+            if any(t.prompt == "boom" for b in batches for t in b.tasks):
+                raise RayError("the reply could not be sent")
+            return [self._render(b, s) for b, s in zip(batches, skips, strict=True)]
+
+    actor = WholeCall()
+    summary, rows = run([actor], WorkQueue(cut_batches(tasks(), 1)), tmp_path, retries=0)
+    assert (summary.rendered, summary.failed) == (5, 1)
+    assert {r["prompt"] for r in rows if r["status"] == "failed"} == {"boom"}
+    assert any(size > 1 for size in actor.calls)  # boom shared a call before it went alone
+
+
 def test_an_actor_pool_fills_in_rounds_one_slot_per_actor():
     pool: ActorPool[str] = ActorPool([FakeActor(), FakeActor(), FakeActor()], in_flight_per_actor=2)
     batch = Batch.of(tasks()[:1])
     handed = []
     for index in pool.free_slots():
         handed.append(index)
-        pool.submit(index, batch, frozenset(), "ticket")
+        pool.submit(index, [batch], [frozenset()], ["ticket"])
     assert handed == [0, 1, 2, 0, 1, 2] and pool.busy == 6
     pool.rest(1)
     assert pool.resting[1] > time.monotonic() - 1 and pool.rests[1] == 1

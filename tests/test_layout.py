@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
         5,
     ),  # model
     **dict.fromkeys(("actor", "inputs", "outputs"), 6),  # work
-    **dict.fromkeys(("driver", "pool", "sink"), 7),  # run
+    **dict.fromkeys(("driver", "cluster", "pool", "sink"), 7),  # run
     **dict.fromkeys(("reproduce", "stitch", "sheets", "report", "verify"), 8),  # results
     "cli": 9,  # face
 }
