@@ -31,7 +31,6 @@ from farm.spec.fields import (
     KINDS,
     MAX_AXIS_VALUES,
     MAX_LCM_STEPS,
-    MAX_SEED,
     MAX_TASKS,
     NAME,
     SpecError,
@@ -58,41 +57,19 @@ from farm.spec.task import (
     RenderTask,
     SafetyCheck,
     SeedStep,
+    frame_axis,
     random_seed,
+    resolve_seeds,
 )
 
-TOP_LEVEL_FIELDS = (
-    "name",
-    "description",
-    "kind",
-    "model",
-    "model_config",
-    "scheduler",
-    "defaults",
-    "sweep",
-    "zip",
-    "perturb",
-    "animate",
-    "walk",
-    "safety_check",
+TOP_LEVEL_FIELDS = tuple(
+    "name description kind model model_config scheduler defaults sweep zip perturb animate walk safety_check".split()
 )
 # Fields tied together by check_task_fields.
-CROSS_FIELDS = {
-    "motion",
-    "scheduler",
-    "schedule_type",
-    "variation_seed",
-    "variation_strength",
-    "perturb_scale",
-    "init_image",
-    "strength",
-    "start_step",
-    "steps",
-    "prompt",
-    "mix",
-    "mix_mode",
-    "token_mix",
-}
+CROSS_FIELDS = set(
+    "motion scheduler schedule_type variation_seed variation_strength perturb_scale init_image strength start_step "
+    "steps prompt mix mix_mode token_mix".split()
+)
 DEFAULTS: dict[str, Any] = {
     "model": "tiny",
     "scheduler": "pndm",
@@ -149,44 +126,83 @@ class JobSpec:
         names = [n for axis_names, _ in self.axes for n in axis_names]
         frames = self.animation.frames if self.animation else ((),)
         chained = self.animation is not None and self.animation.mode == "chained"
+        resolvers = Resolvers.of(self)
+        grid = frames == ((),)  # each shot is one task: its fields need no copy
+        defaults = dict(self.defaults)
+        if not resolvers.img2img:
+            defaults["start_step"] = 0  # as resolve_img2img sets it for a task without an init image
         index = 0
         for shot_index, combo in enumerate(itertools.product(*(values for _, values in self.axes))):
-            shot = dict(self.defaults)
+            shot = dict(defaults)
             shot.update(zip(names, itertools.chain.from_iterable(combo), strict=True))
             if self.animation and shot["seed"] == "random":  # one seed per shot, as a fixed seed is
                 shot["seed"] = random_seed(random_base, f"shot:{shot_index}")
             first: RenderTask | None = None
             previous: RenderTask | None = None
             for frame, frame_fields in enumerate(frames):
-                fields = dict(shot)
+                fields = shot if grid else dict(shot)
                 fields.update(frame_fields)
                 if self.animation is not None:
                     fields["frame"] = frame
-                for name in SEED_FIELDS:
-                    if fields[name] == "random":
-                        # The plain seed keeps its original slot so existing runs draw the same seeds.
-                        slot = f"task:{index}" + ("" if name == "seed" else f":{name}")
-                        fields[name] = random_seed(random_base, slot)
-                    elif isinstance(fields[name], RandomSlot):
-                        fields[name] = random_seed(random_base, fields[name].slot)
-                if isinstance(fields["seed"], SeedStep):
-                    offset = fields["seed"].offset
-                    fields["seed"] = (_resolved_seed(shot["seed"], random_base) + offset) % (MAX_SEED + 1)
-                apply_entry_weights(fields)
-                apply_family_defaults(fields, self.facts)
-                resolve_img2img(fields, self.hashes)
-                resolve_source_controls(fields)
+                if resolvers.seeds:
+                    resolve_seeds(fields, shot["seed"], index, random_base)
+                if resolvers.entry_weights:
+                    apply_entry_weights(fields)
+                if resolvers.family:
+                    apply_family_defaults(fields, self.facts)
+                if resolvers.img2img:
+                    resolve_img2img(fields, self.hashes)
+                if resolvers.source_controls:
+                    resolve_source_controls(fields)
                 if chained and previous is not None and first is not None:
                     fields.update(previous=previous.task_id)
                     if self.animation.color_coherence:  # type: ignore[union-attr]
                         fields.update(color_reference=first.task_id)
                 else:
                     fields["blend"] = 0.0  # frame 0 has nothing before it to blend in
-                task = RenderTask(**fields)
+                task = RenderTask.from_fields(fields)
                 first = first or task
                 previous = task
                 index += 1
                 yield task
+
+
+@dataclass(frozen=True)
+class Resolvers:
+    """Which of the helpers that resolve a task's fields can change anything in a job: expansion skips
+    the others (a grid of prompts and seeds at a given size, however large, needs none of them)."""
+
+    seeds: bool  # a random seed, or an animation's seed steps
+    entry_weights: bool  # a swept entry weight (loras.0.weight)
+    family: bool  # a size left to the model, or an SDXL model
+    img2img: bool  # an init image, 2D motion or a start_step (else every start_step is 0)
+    source_controls: bool  # a ControlNet (its image may be each frame's own source)
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> Resolvers:
+        axes = [*spec.axes, *frame_axis(spec.animation)]
+        swept = {n for names, _ in axes for n in names}
+
+        def values(name: str) -> Iterator[Any]:
+            return every_value(name, spec.defaults, axes)
+
+        return cls(
+            seeds=any(v == "random" or isinstance(v, RandomSlot | SeedStep) for n in SEED_FIELDS for v in values(n)),
+            entry_weights=any("." in n for n in swept),
+            family=any(v is None for n in ("width", "height") for v in values(n))
+            or any(fact is not None and fact.family == "sdxl" for fact in spec.facts.values()),
+            img2img=any(spec.defaults[n] is not None or n in swept for n in ("init_image", "motion", "start_step")),
+            source_controls=any(values("controlnet")),
+        )
+
+
+def every_value(name: str, defaults: dict[str, Any], axes: list[Axis]) -> Iterator[Any]:
+    """Every value field ``name`` takes in a job: its default and the values of each axis that sets it."""
+    yield defaults[name]
+    for names, rows in axes:
+        if name in names:
+            column = names.index(name)
+            yield from (row[column] for row in rows)
 
 
 def shots(spec: JobSpec, tasks: Iterable[RenderTask]) -> Iterator[list[RenderTask]]:
@@ -224,10 +240,6 @@ def resolve_img2img(fields: dict[str, Any], hashes: dict[str, str]) -> None:
         fields["start_step"] = steps - min(int(steps * fields["strength"]), steps)
     else:
         fields["strength"] = (steps - fields["start_step"]) / steps
-
-
-def _resolved_seed(seed: Any, random_base: int) -> int:
-    return random_seed(random_base, seed.slot) if isinstance(seed, RandomSlot) else seed
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,14 +350,6 @@ def check_entry_weights(names: list[str], defaults: dict[str, Any]) -> None:
         count = len(defaults[field_name])
         if index >= count:
             raise SpecError(f"sweep.{name}: defaults.{field_name} has {count} entries (numbered from 0)")
-
-
-def frame_axis(animation: Animation | None) -> list[Axis]:
-    """An animation's frames as one zipped axis, for the checks across fields."""
-    if animation is None or not animation.frames[0]:
-        return []
-    names = tuple(name for name, _ in animation.frames[0])
-    return [(names, tuple(tuple(value for _, value in frame) for frame in animation.frames))]
 
 
 def defaults_given(data: dict[str, Any]) -> dict[str, Any]:
