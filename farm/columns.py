@@ -95,7 +95,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("actor", pa.string(), "Ray actor id that rendered it"),
     ("torch_version", pa.string(), "torch version"),
     ("diffusers_version", pa.string(), "diffusers version"),
-    ("compile_mode", pa.string(), "torch.compile mode of the render path (--compile), else null: eager"),
+    ("compile_mode", pa.string(), "torch.compile mode (--compile: default; aot_eager: that backend), else null: eager"),
     ("channels_last", pa.bool_(), "whether the UNet and VAE ran in channels_last memory format (--compile)"),
     ("triton_version", pa.string(), "triton version where a compiled path used it, else null"),
     ("gpu_name", pa.string(), "the GPU's model name (torch.cuda.get_device_name), else null"),
@@ -154,5 +154,6 @@ def failed_rows(job: str, batch: Batch, message: str) -> list[dict[str, Any]]:
 
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     """Rows (dicts keyed by column) -> a table in the manifest schema; missing keys are null."""
-    rows = list(rows)
-    return pa.table({name: pa.array([r.get(name) for r in rows], type=dtype) for name, dtype, _ in COLUMNS})
+    # Arrow walks the dicts in C: about 2.5x faster than a Python list per column, which counts
+    # when the driver writes tens of thousands of rows a second (benchmarks/driver_ceiling.py).
+    return pa.Table.from_pylist(list(rows), schema=SCHEMA)

@@ -488,10 +488,9 @@ def dispatch(
                     rows = give_up(attempt, error_message(reply.error))
                     stop = stop or reply.stop
                 else:
-                    rows = reply.rows or []
+                    rows = reply.rows if reply.rows is not None else []
                 # 3. Record its rows; a failed frame of a chain fails the rest of its shot
-                sink.record(rows)
-                ok = all(r["status"] == "ok" for r in rows)
+                ok = sink.record(rows)
                 for dropped in work.finish(attempt.batch, ok):
                     frame = attempt.batch.tasks[0].frame
                     message = f"not rendered: frame {frame} of this shot failed, and each frame needs the one before"

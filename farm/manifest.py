@@ -44,13 +44,13 @@ WITHHELD_IMAGES = f"status = 'withheld' AND {IMAGES}"
 T = TypeVar("T")
 
 
-def write_part(job_root: str, rows: list[dict[str, Any]]) -> str:
-    """Write rows as one new part file, atomically; returns its path."""
+def write_part(job_root: str, rows: list[dict[str, Any]] | pa.Table) -> str:
+    """Write rows (dicts, or a table in the manifest schema) as one new part file, atomically; returns its path."""
     filesystem, base = storage.open_root(job_root)
     name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
     path = storage.join(base, MANIFEST_DIR, name)
     buffer = io.BytesIO()
-    pq.write_table(rows_to_table(rows), buffer)
+    pq.write_table(rows if isinstance(rows, pa.Table) else rows_to_table(rows), buffer)
     storage.write_bytes(filesystem, path, buffer.getvalue())
     return path
 

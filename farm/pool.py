@@ -16,11 +16,14 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from farm.actor import BatchRenderer
 from farm.errors import FarmError, FatalRenderError
 from farm.spec import Batch, SafetyCheck
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # One batch rendering and one queued per actor: the actor never waits for the driver, and
 # no more than two batches of work are lost with it if it dies. The actor runs that many calls
@@ -145,7 +148,7 @@ class Reply(Generic[Ticket]):
     """
 
     ticket: Ticket
-    rows: list[dict[str, Any]] | None = None
+    rows: list[dict[str, Any]] | pa.Table | None = None  # a table from an actor (render_batches)
     lost: BaseException | None = None
     error: BaseException | None = None
     fatal: bool = False
@@ -268,11 +271,14 @@ class ActorPool(Generic[Ticket]):
                     replies.append(error_reply(tickets[0], exc))
                 continue
             self.timed(index, sent, len(tickets))
-            for ticket, outcome in zip(tickets, outcomes, strict=True):
-                if isinstance(outcome, BaseException):  # the render raised; the actor says so
-                    replies.append(error_reply(ticket, outcome))
-                else:
-                    replies.append(Reply(ticket, rows=outcome))
+            table, counts = outcomes
+            offset = 0
+            for ticket, count in zip(tickets, counts, strict=True):
+                if isinstance(count, BaseException):  # the render raised; the actor says so
+                    replies.append(error_reply(ticket, count))
+                else:  # its rows: a slice of the call's table (no copy)
+                    replies.append(Reply(ticket, rows=table.slice(offset, count)))
+                    offset += count
         return replies
 
     def timed(self, index: int, sent: float, batches: int) -> None:

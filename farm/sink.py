@@ -23,15 +23,22 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from farm import manifest, storage
+from farm.columns import rows_to_table
 from farm.errors import RunFailed
 from farm.layout import MANIFEST_DIR
 from farm.spec import Batch
 
 # Rows are written out at least this often (seconds) and whenever this many are buffered,
-# so a crash loses little and a big job does not make thousands of tiny part files.
+# so a crash loses little and a big job does not make thousands of tiny part files; but by
+# count no more often than FLUSH_MIN_SECONDS, so that at tens of thousands of rows a second
+# (tiny renders on a big cluster) the driver writes a few parts a second, not dozens.
 FLUSH_SECONDS = 5.0
 FLUSH_ROWS = 512
+FLUSH_MIN_SECONDS = 0.5
 # Row statuses that finish a task: rendered, or rendered and withheld by the job's safety check.
 DONE_STATUSES = ("ok", "withheld")
 
@@ -134,7 +141,8 @@ class RowSink:
         self.done = done
         self.summary = summary
         self.flush_seconds = flush_seconds
-        self.buffer: list[dict[str, Any]] = []
+        self.buffer: list[pa.Table] = []  # in the manifest schema, a batch's rows each
+        self.buffered = 0  # rows in the buffer
         self.last_flush = time.monotonic()
         self.write_error: OSError | None = None  # the last flush's failure, while its rows wait
         self.bar = tqdm(total=todo, unit="img", disable=not progress, dynamic_ncols=True, desc=job)
@@ -157,23 +165,38 @@ class RowSink:
         before): an actor skips them, so their images stay as their rows say."""
         return frozenset(t.task_id for t in batch.tasks if t.task_id in self.done)
 
-    def record(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Take a batch's rows: buffer them and count its images (a retry's repeats are dropped)."""
-        fresh = [r for r in rows if r["task_id"] not in self.done]
-        images = [r for r in fresh if r.get("capture") is None]  # the rest are step captures
-        self.done.update(r["task_id"] for r in images if r["status"] in DONE_STATUSES)
-        self.buffer.extend(fresh)
-        ok = sum(r["status"] == "ok" for r in images)
-        withheld = sum(r["status"] == "withheld" for r in images)
+    def record(self, rows: Iterable[dict[str, Any]] | pa.Table) -> bool:
+        """Take a batch's rows, dicts or a table in the manifest schema (as actors send them): buffer
+        them and count its images (a retry's repeats are dropped). True if every row is ``ok``."""
+        table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
+        every_ok = all(status == "ok" for status in table.column("status").to_pylist())
+        ids = table.column("task_id").to_pylist()
+        fresh = [task_id not in self.done for task_id in ids]
+        if not all(fresh):
+            table = table.filter(pa.array(fresh))
+        columns = table.select(["task_id", "capture", "status", "error"]).to_pydict()
+        # (task id, status, error) of each image; the other rows are step captures
+        images = [
+            (task_id, status, error)
+            for task_id, capture, status, error in zip(*columns.values(), strict=True)
+            if capture is None
+        ]
+        self.done.update(task_id for task_id, status, _ in images if status in DONE_STATUSES)
+        if table.num_rows:
+            self.buffer.append(table)
+            self.buffered += table.num_rows
+        ok = sum(status == "ok" for _, status, _ in images)
+        withheld = sum(status == "withheld" for _, status, _ in images)
         summary = self.summary
         summary.rendered += ok
         if ok and summary.first_image is None:
             summary.first_image = time.perf_counter() - summary.since
         summary.withheld += withheld
         summary.failed += len(images) - ok - withheld
-        failures = (r["error"] for r in images if r["status"] == "failed")
+        failures = (error for _, status, error in images if status == "failed")
         summary.errors.extend(error for error in failures if error not in summary.errors)
         self.bar.update(len(images))
+        return every_ok
 
     def due_at(self) -> float | None:
         """When the buffered rows must be written (time.monotonic()), or None with none buffered."""
@@ -187,7 +210,8 @@ class RowSink:
     def flush_if_due(self) -> None:
         """Flush if enough rows or time have gathered. A failed write keeps the rows buffered and
         is tried again when due (a full disk may be freed meanwhile); it does not end the run."""
-        if len(self.buffer) >= FLUSH_ROWS or time.monotonic() - self.last_flush >= self.flush_seconds:
+        since = time.monotonic() - self.last_flush
+        if (self.buffered >= FLUSH_ROWS and since >= FLUSH_MIN_SECONDS) or since >= self.flush_seconds:
             with contextlib.suppress(RowsNotWritten):  # the rows wait; the driver sees ``stalled``
                 self.flush()
 
@@ -197,14 +221,16 @@ class RowSink:
         Raises RowsNotWritten if the write fails; the rows stay buffered for the next try.
         """
         if self.buffer:
+            table = pa.concat_tables(self.buffer)
             try:
-                manifest.write_part(self.root, self.buffer)
+                manifest.write_part(self.root, table)
             except OSError as exc:
                 self.write_error = exc
                 self.last_flush = time.monotonic()  # try again in flush_seconds, not at once
-                images = sum(r.get("capture") is None and r["status"] == "ok" for r in self.buffer)
-                raise RowsNotWritten(storage.join(self.root, MANIFEST_DIR), exc, images) from exc
+                images = table.filter(pc.and_(pc.is_null(table["capture"]), pc.equal(table["status"], "ok")))
+                raise RowsNotWritten(storage.join(self.root, MANIFEST_DIR), exc, images.num_rows) from exc
             self.buffer.clear()
+            self.buffered = 0
         self.write_error = None
         self.last_flush = time.monotonic()
 

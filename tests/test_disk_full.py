@@ -116,12 +116,12 @@ def test_a_failed_flush_keeps_its_rows_for_the_next_try(tmp_path: Path, monkeypa
         sink = RowSink("d", str(tmp_path), set(), Summary(job_root=str(tmp_path)), 3, flush_seconds=0, progress=False)
         sink.record(rows)
         sink.flush_if_due()  # the disk is full: the rows stay, the run is not ended here
-        assert (len(sink.buffer), sink.stalled) == (3, True)
+        assert (sink.buffered, sink.stalled) == (3, True)
         sink.flush_if_due()  # still full
-        assert (len(sink.buffer), disk.attempts) == (3, 2)
+        assert (sink.buffered, disk.attempts) == (3, 2)
         assert leftovers(tmp_path) == []  # no half-written part under any name
         sink.flush_if_due()  # space again: the same rows, written once
-        assert (sink.buffer, sink.stalled) == ([], False)
+        assert (sink.buffer, sink.buffered, sink.stalled) == ([], 0, False)
         sink.close()
     written = read_manifest(str(tmp_path), superseded=True).to_pylist()  # written once: no duplicate
     assert sorted(r["task_id"] for r in written) == sorted(r["task_id"] for r in rows)

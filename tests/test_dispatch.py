@@ -31,7 +31,7 @@ from farm.driver import (
     dispatch,
     plan_work,
 )
-from farm.manifest import base_row, read_manifest
+from farm.manifest import base_row, read_manifest, rows_to_table
 from farm.pool import IN_FLIGHT_PER_ACTOR, ActorPool
 from farm.sink import RowSink
 from farm.spec import Batch, parse_job
@@ -84,18 +84,23 @@ class FakeActor:
             base_row("d", t, batch, i) | {"status": "ok"} for i, t in enumerate(batch.tasks) if t.task_id not in skip
         ]
 
-    def _render_batches(self, batches: list[Batch], skips: list[frozenset[str]]) -> list[Any]:
-        """As BatchRenderer.render_batches: each batch's rows or its error; a lost actor loses the call."""
+    def _render_batches(self, batches: list[Batch], skips: list[frozenset[str]]) -> tuple[Any, list[Any]]:
+        """As BatchRenderer.render_batches: the call's rows as one table, and per batch its row count
+        or its error; a lost actor loses the call."""
         self.calls.append(len(batches))
+        rows: list[dict[str, Any]] = []
         outcomes: list[Any] = []
         for batch, skip in zip(batches, skips, strict=True):
             try:
-                outcomes.append(self._render(batch, skip))
+                batch_rows = self._render(batch, skip)
             except RayActorError:
                 raise
             except RayError as exc:
                 outcomes.append(exc)
-        return outcomes
+                continue
+            rows += batch_rows
+            outcomes.append(len(batch_rows))
+        return rows_to_table(rows), outcomes
 
     def _ready(self) -> bool:
         self.probes += 1
@@ -314,7 +319,8 @@ def test_a_call_that_fails_as_a_whole_sends_its_batches_again_one_by_one(
             self.calls.append(len(batches))
             if any(t.prompt == "boom" for b in batches for t in b.tasks):
                 raise RayError("the reply could not be sent")
-            return [self._render(b, s) for b, s in zip(batches, skips, strict=True)]
+            rendered = [self._render(b, s) for b, s in zip(batches, skips, strict=True)]
+            return rows_to_table([r for rows in rendered for r in rows]), [len(rows) for rows in rendered]
 
     actor = WholeCall()
     summary, rows = run([actor], WorkQueue(cut_batches(tasks(), 1)), tmp_path, retries=0)
@@ -366,6 +372,7 @@ def test_the_sink_keeps_each_error_once(tmp_path: Path):
 
 def test_the_sink_flushes_on_size_and_on_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(sink_module, "FLUSH_ROWS", 4)
+    monkeypatch.setattr(sink_module, "FLUSH_MIN_SECONDS", 0)
     parts = tmp_path / "manifest"
     sink = RowSink("d", str(tmp_path), set(), Summary(job_root=str(tmp_path)), 6, flush_seconds=60, progress=False)
     assert sink.due_at() is None  # nothing buffered: nothing falls due
@@ -381,6 +388,23 @@ def test_the_sink_flushes_on_size_and_on_time(tmp_path: Path, monkeypatch: pytes
     sink.flush_if_due()
     assert len(list(parts.glob("part-*.parquet"))) == 2  # its time is up: a part of one row
     sink.close()
+
+
+def test_by_count_the_sink_writes_no_more_than_a_part_per_min_seconds(tmp_path: Path, monkeypatch):
+    """Tens of thousands of rows a second make a few parts a second, not one per FLUSH_ROWS."""
+    monkeypatch.setattr(sink_module, "FLUSH_ROWS", 2)
+    monkeypatch.setattr(sink_module, "FLUSH_MIN_SECONDS", 60)
+    parts = tmp_path / "manifest"
+    sink = RowSink("d", str(tmp_path), set(), Summary(job_root=str(tmp_path)), 6, flush_seconds=600, progress=False)
+    sink.last_flush -= 60  # the last part was written a minute ago
+    sink.record(rows_of(Batch.of(tasks()[:2])))
+    sink.flush_if_due()
+    assert len(list(parts.glob("part-*.parquet"))) == 1
+    sink.record(rows_of(Batch.of(tasks()[2:6])))
+    sink.flush_if_due()  # 4 rows, over FLUSH_ROWS, but a part went out just now
+    assert (len(list(parts.glob("part-*.parquet"))), sink.buffered) == (1, 4)
+    sink.close()
+    assert len(read_manifest(str(tmp_path)).to_pylist()) == 6
 
 
 def test_the_sink_writes_its_rows_when_left_by_ctrl_c(tmp_path: Path):

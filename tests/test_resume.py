@@ -90,7 +90,7 @@ def test_a_batch_that_keeps_failing_gets_failed_rows_and_the_job_goes_on(ray_ses
     """The driver's retry path, with a stand-in actor whose render raises for one prompt."""
     import ray
 
-    from farm.manifest import base_row
+    from farm.manifest import base_row, rows_to_table
 
     @ray.remote
     class Flaky:
@@ -102,10 +102,8 @@ def test_a_batch_that_keeps_failing_gets_failed_rows_and_the_job_goes_on(ray_ses
             self.calls += [t.prompt for batch in batches for t in batch.tasks] == ["boom"]
             if any(t.prompt == "boom" for batch in batches for t in batch.tasks):
                 raise ValueError("cannot render boom")
-            return [
-                [base_row("flaky", t, batch, i) | {"status": "ok"} for i, t in enumerate(batch.tasks)]
-                for batch in batches
-            ]
+            rows = [base_row("flaky", t, b, i) | {"status": "ok"} for b in batches for i, t in enumerate(b.tasks)]
+            return rows_to_table(rows), [len(b.tasks) for b in batches]
 
         def count(self) -> int:
             return self.calls
