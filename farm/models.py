@@ -517,10 +517,21 @@ def default_single_file_config(model: ResolvedModel) -> str:
 
 
 def load_components(
-    model: ResolvedModel, device: str, dtype: str, safety_checker: bool = False, compile: bool = False
+    model: ResolvedModel, device: str, dtype: str, safety_checker: bool = False, compile: bool | str = False
 ) -> Components:
     """Load the model stack onto a device, in eval mode, with its content hash; with ``safety_checker``,
-    the model's own safety checker and feature extractor too (farm.safety runs them)."""
+    the model's own safety checker and feature extractor too (farm.safety runs them).
+
+    ``compile`` turns on the compiled render path (farm.compiled): True takes the device's mode, a
+    string is a recorded ``compile_mode`` to rebuild (farm reproduce). Loading stays as fast: the
+    first UNet call and the first decode of each shape compile (the warm-up).
+    """
+    from farm.compiled import CompileError, compile_mode, compile_model
+
+    try:
+        mode = compile_mode(device, compile)
+    except CompileError as exc:
+        raise ModelError(f"model {model.ref!r}: {exc}") from exc
     pipe = load_pipeline(model, dtype, safety_checker)
     checker = getattr(pipe, "safety_checker", None) if safety_checker else None
     extractor = getattr(pipe, "feature_extractor", None) if safety_checker else None
@@ -534,6 +545,8 @@ def load_components(
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_2, checker):
         if module is not None:
             module.eval().requires_grad_(False)
+    if mode is not None:
+        compile_model(pipe.unet, pipe.vae, mode)
     return Components(
         tokenizer=pipe.tokenizer,
         text_encoder=pipe.text_encoder,
@@ -550,20 +563,28 @@ def load_components(
         pipeline=pipe,
         safety_checker=checker,
         feature_extractor=extractor,
+        compile_mode=mode,
+        channels_last=mode is not None,
     )
 
 
 def render_path(components: Components) -> dict[str, Any]:
     """The manifest columns that say how the images were computed beyond the model and dtype: the
-    compiled path (compile_mode, channels_last, triton_version) and the GPU (name, CUDA, cuDNN)."""
+    compiled path (compile_mode, channels_last, torch and triton versions) and the GPU (name, CUDA,
+    cuDNN). A compiled image's PNG carries them too (its ``render_path``), for farm reproduce."""
     import torch
+
+    from farm.compiled import INDUCTOR_MODES, triton_version
 
     cuda = components.device == "cuda"
     cudnn = torch.backends.cudnn.version() if cuda else None
+    # inductor writes Triton kernels on a GPU only (C++ on a CPU); other backends generate no code.
+    triton = cuda and components.compile_mode in INDUCTOR_MODES
     return {
         "compile_mode": components.compile_mode,
         "channels_last": components.channels_last,
-        "triton_version": None,
+        "torch_version": torch.__version__,  # a column already; here too for the PNG's render_path
+        "triton_version": triton_version() if triton else None,
         "gpu_name": torch.cuda.get_device_name() if cuda else None,
         "cuda_version": torch.version.cuda if cuda else None,
         "cudnn_version": str(cudnn) if cudnn is not None else None,

@@ -11,6 +11,11 @@ Two entry points, plain functions without Ray; both render in this process with
 - ``reproduce_image(png_path, out_dir)``: from the PNG's own ``farm`` metadata alone. The PNG
   knows its batch's id, size and its index, not the other tasks, so it is rendered alone.
 
+Either way the recorded render path is rebuilt: a row's ``compile_mode`` (or a PNG's ``render_path``)
+loads the model compiled in that mode (``farm render --compile``), and no compile_mode loads it eager,
+as it always did. Recorded versions (torch, diffusers, triton) that differ from this process's, and a
+render path that could not be rebuilt as recorded, are warnings: the bytes may differ for them.
+
 "Identical" means the re-rendered PNG's sha256 equals the sha256 of the recorded file (and,
 from the manifest, the row's ``image_sha256`` too). Otherwise the decoded pixels are compared
 and a diff image is written to ``out_dir``.
@@ -35,6 +40,9 @@ from farm.spec import Batch, RenderTask, SafetyCheck
 
 # Fields of the PNG's ``farm`` chunk that describe where the image sat in its batch.
 PLACEMENT_FIELDS = ("batch_id", "batch_size", "batch_index")
+# What a row (or a compiled PNG's ``render_path``) records of how the pixels were computed, beyond the
+# task, the model and the dtype: compared with this render's, a difference is a warning.
+RECORDED_PATH_FIELDS = ("compile_mode", "channels_last", "torch_version", "diffusers_version", "triton_version")
 
 
 class ReproduceError(FarmError, ValueError):
@@ -59,10 +67,13 @@ class Comparison:
     rendered_alone: bool  # True: rendered without its batch mates (from a PNG alone)
     recorded_batch_size: int  # size of the batch recorded
     warnings: tuple[str, ...] = ()
+    compile_mode: str | None = None  # the render path rebuilt (the recorded compile_mode), None: eager
 
     def summary(self) -> str:
         """One line for the CLI."""
         layout = "rendered alone" if self.rendered_alone else f"in its recorded batch of {self.batch_size}"
+        if self.compile_mode:
+            layout += f", compiled: {self.compile_mode}"
         if self.identical:
             return f"{self.task_id}: identical ({layout}, sha256 {self.new_sha256[:12]})"
         text = (
@@ -133,6 +144,7 @@ def reproduce_task(
         recorded_device=row["device"],
         job_root=job_root,
         safety_check=recorded_safety_check(recorded),
+        recorded_path={name: row.get(name) for name in RECORDED_PATH_FIELDS},
     )
     return _compare(
         task_id,
@@ -145,6 +157,7 @@ def reproduce_task(
         rendered_alone=False,
         recorded_batch_size=row["batch_size"],
         warnings=warnings,
+        compile_mode=row.get("compile_mode"),
     )
 
 
@@ -165,7 +178,8 @@ def reproduce_image(
     new pixels are encoded with the recorded placement fields (``batch_id``, ``batch_size``,
     ``batch_index``) in the metadata; everything else (model hash, dtype, scheduler config) is
     what this render produced. A captured step frame (``capture``/``step_index`` in its
-    metadata) is compared with the same frame of the new render.
+    metadata) is compared with the same frame of the new render. A compiled image's PNG holds its
+    ``render_path`` (compile_mode, channels_last, versions): the model loads compiled the same way.
 
     ``dtype`` defaults to the recorded one; ``model_config`` is the job's ``model_config`` (the
     PNG does not hold it; only single-file checkpoints need it).
@@ -187,6 +201,9 @@ def reproduce_image(
         raise ReproduceError(f"{png_path}: its farm metadata is incomplete ({exc})") from exc
     if task.task_id != meta.get("task_id"):
         raise ReproduceError(f"{png_path}: its farm metadata's task does not hash to its task_id")
+    path = meta.get("render_path") or {}  # only a compiled image's PNG has one
+    if not isinstance(path, dict):
+        raise ReproduceError(f"{png_path}: its farm metadata's render_path is not an object")
     capture = meta.get("capture")
     relpath = (
         image_relpath(task.task_id) if capture is None else frame_relpath(task.task_id, capture, meta["step_index"])
@@ -206,6 +223,7 @@ def reproduce_image(
         # A chained animation frame reads the frames it names from its own job folder.
         job_root=str(Path(png_path).resolve().parent.parent) if capture is None else None,
         safety_check=recorded_safety_check(recorded),
+        recorded_path={name: path.get(name) for name in RECORDED_PATH_FIELDS},
     )
     if recorded_batch_size != 1:
         new_meta = read_png_metadata(new)
@@ -222,6 +240,7 @@ def reproduce_image(
         rendered_alone=True,
         recorded_batch_size=recorded_batch_size,
         warnings=warnings,
+        compile_mode=path.get("compile_mode"),
     )
 
 
@@ -237,19 +256,22 @@ def _render(
     recorded_device: str | None,
     job_root: str | None = None,
     safety_check: SafetyCheck | None = None,
+    recorded_path: dict[str, Any] | None = None,
 ) -> bytes:
     """Render a batch in this process into a temporary folder; the bytes of task_id's PNG at relpath.
 
     The images a chained animation frame reads (the frame before, frame 0's colours) are
-    copied in from ``job_root`` first.
+    copied in from ``job_root`` first. ``recorded_path`` (RECORDED_PATH_FIELDS, None where not
+    recorded): its compile_mode is the render path to rebuild (None: eager).
     """
     import torch
 
     from farm.actor import BatchRenderer
-    from farm.models import ModelError, pick_device
+    from farm.models import ModelError, pick_device, render_path
 
     device = pick_device()
     threads = torch.get_num_threads()
+    recorded = recorded_path or {}
     try:
         with tempfile.TemporaryDirectory(prefix="farm-reproduce-") as folder:
             # CPU actors run one torch thread (docs/reproducibility.md); GPU actors keep the default.
@@ -264,9 +286,11 @@ def _render(
                     model_config,
                     1 if device == "cpu" else None,
                     safety_check,
+                    compile=recorded.get("compile_mode") or False,
                 )
             except ModelError as exc:  # its message names the model already
                 raise ReproduceError(str(exc)) from exc
+            warnings.extend(path_warnings(recorded, render_path(renderer.components)))
             info = renderer.info()
             if recorded_hash and info["model_hash"] != recorded_hash:
                 warnings.append(
@@ -286,6 +310,29 @@ def _render(
             return Path(folder, relpath).read_bytes()
     finally:
         torch.set_num_threads(threads)
+
+
+def path_warnings(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """A line for each recorded render-path field (RECORDED_PATH_FIELDS) that this render does not
+    match: other versions of torch, diffusers or triton, or a render path not rebuilt as recorded."""
+    import diffusers
+
+    now = now | {"diffusers_version": diffusers.__version__}
+    lines = []
+    for name in ("torch_version", "diffusers_version", "triton_version"):
+        then, current = recorded.get(name), now.get(name)
+        if then and then != current:
+            library = name.removesuffix("_version")
+            now_with = f"{library} {current}" if current else f"no {library}"
+            lines.append(
+                f"recorded with {library} {then}, rendered now with {now_with}: "
+                "its kernels may compute other floats, so the bytes may differ"
+            )
+    for name in ("compile_mode", "channels_last"):
+        then, current = recorded.get(name), now.get(name)
+        if then is not None and then != current:
+            lines.append(f"recorded with {name} {then}, rendered now with {current}: another render path")
+    return lines
 
 
 def recorded_safety_check(png: bytes) -> SafetyCheck | None:
@@ -327,6 +374,7 @@ def _compare(
     rendered_alone: bool,
     recorded_batch_size: int,
     warnings: list[str],
+    compile_mode: str | None = None,
 ) -> Comparison:
     file_sha = sha256_bytes(recorded)
     new_sha = sha256_bytes(new)
@@ -371,6 +419,7 @@ def _compare(
         rendered_alone=rendered_alone,
         recorded_batch_size=recorded_batch_size,
         warnings=tuple(warnings),
+        compile_mode=compile_mode,
     )
 
 

@@ -169,13 +169,14 @@ def repair_job(job_root: str, check: Check, repair: Repair, lock: JobLock) -> Su
         )
     lock.check()
     _mark_failed(root, check)
-    largest, dtype = _recorded_render(root)
+    largest, dtype, compiled = _recorded_render(root)
     options = RenderOptions(
         out=out,
         address=repair.address,
         actors=repair.actors,
         batch_size=repair.batch_size or largest,
         dtype=dtype,
+        compile=compiled,
         allow_pickle=repair.allow_pickle,
         progress=repair.progress,
         wait=repair.wait,
@@ -183,16 +184,17 @@ def repair_job(job_root: str, check: Check, repair: Repair, lock: JobLock) -> Su
     return run_job(spec, options, lock=lock)
 
 
-def _recorded_render(root: str) -> tuple[int, str]:
-    """The largest batch_size the image rows record (1 if none does) and the dtype most of the ok
-    images were rendered in ("auto" if none records one): a repair renders as the job did, since
-    float16 on a GPU would draw other bytes than the float32 the job asked for."""
+def _recorded_render(root: str) -> tuple[int, str, bool]:
+    """The largest batch_size the image rows record (1 if none does), the dtype most of the ok
+    images were rendered in ("auto" if none records one), and whether most were compiled: a repair
+    renders as the job did, since float16 on a GPU, or a compiled path, would draw other bytes."""
     sql = (
         f"SELECT (SELECT max(batch_size) FROM {manifest.TABLE_NAME} WHERE {manifest.IMAGES}) AS n, "
-        f"(SELECT mode(dtype) FROM {manifest.TABLE_NAME} WHERE {manifest.OK_IMAGES}) AS dtype"
+        f"(SELECT mode(dtype) FROM {manifest.TABLE_NAME} WHERE {manifest.OK_IMAGES}) AS dtype, "
+        f"(SELECT mode(compile_mode IS NOT NULL) FROM {manifest.TABLE_NAME} WHERE {manifest.OK_IMAGES}) AS compiled"
     )
     row = manifest.query(root, sql).to_pylist()[0]
-    return max(row["n"] or 1, 1), row["dtype"] or "auto"
+    return max(row["n"] or 1, 1), row["dtype"] or "auto", bool(row["compiled"])
 
 
 def _image_rows(root: str, task_ids: set[str]) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ HEAVY = ("torch", "diffusers", "transformers")
 LAYERS: dict[str, int] = {
     "errors": 0,
     **dict.fromkeys(("storage", "images", "video", "motion", "schedules", "metrics"), 1),  # tools
-    **dict.fromkeys(("models", "presets"), 2),  # references (their torch half is imported inside functions)
+    **dict.fromkeys(("models", "presets", "compiled"), 2),  # references (their torch half is imported inside functions)
     "spec": 3,  # values
     **dict.fromkeys(("layout", "columns", "manifest", "lock"), 4),  # records
     **dict.fromkeys(
