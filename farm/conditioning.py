@@ -22,6 +22,7 @@ import torch
 
 from farm.models import Components
 from farm.noise import slerp
+from farm.samplers import to_device
 from farm.spec import RenderTask
 from farm.text import EncodedPrompt, LoadedEmbedding, PromptEncoder, PromptError, pad_chunks
 
@@ -230,7 +231,8 @@ class ControlUnit:
         (both halves of classifier-free guidance alike, as diffusers runs it without guess mode)."""
         guided = model_input.shape[0] == 2 * self.images.shape[0]
         images = halves(self.images, self.images, guided)
-        rows = torch.tensor(list(weights) * (2 if guided else 1), device=model_input.device)
+        # Made on the host and copied without waiting: a tensor built on the device from a list waits for it.
+        rows = to_device(torch.tensor(list(weights) * (2 if guided else 1)), model_input.device)
         rows = rows.to(model_input.dtype).reshape(-1, 1, 1, 1)
         down, mid = self.model(
             model_input,

@@ -18,9 +18,10 @@ LossFunction = Callable[[torch.Tensor, Sequence[float | None]], torch.Tensor]
 
 def color_loss(images: torch.Tensor, target: Sequence[float | None]) -> torch.Tensor:
     """Mean absolute distance of each channel from its target; the notebook's blue loss is [None, None, 0.9]."""
-    channels = [c for c, value in enumerate(target) if value is not None]
-    wanted = torch.tensor([target[c] for c in channels], device=images.device, dtype=images.dtype)
-    return (images[:, channels] - wanted.view(1, -1, 1, 1)).abs().mean(dim=(1, 2, 3))
+    # Channel by channel, the targets as Python numbers: a list index or a tensor of targets would
+    # be copied to the GPU at every guided step, waiting for it each time (a host sync).
+    distances = [(images[:, c] - value).abs() for c, value in enumerate(target) if value is not None]
+    return torch.stack(distances, dim=1).mean(dim=(1, 2, 3))
 
 
 def brightness_loss(images: torch.Tensor, target: Sequence[float | None]) -> torch.Tensor:

@@ -24,7 +24,18 @@ from farm.conditioning import NO_CONTROL, Conditioning, Control, TaskInputError,
 from farm.losses import LossFunction, load_loss, per_image
 from farm.models import Components
 from farm.noise import latent_shape, make_generator, task_noise
-from farm.samplers import build_scheduler, current_sigma, is_sigma_scheduler, scheduler_config, step_kwargs, step_marks
+from farm.samplers import (
+    alpha_at,
+    async_step_noise,
+    build_scheduler,
+    current_sigma,
+    is_sigma_scheduler,
+    keep_host_alphas,
+    scheduler_config,
+    step_kwargs,
+    step_marks,
+    to_device,
+)
 from farm.spec import BATCH_FIELDS, GuidanceLoss, RenderTask
 from farm.text import LoadedEmbedding
 
@@ -82,8 +93,14 @@ def resolve_loss(loss: GuidanceLoss | None, count: int) -> tuple[GuidanceLoss, L
 
 
 def prepare_timesteps(scheduler: Any, steps: int, start_step: int, device: str) -> torch.Tensor:
-    """The timesteps to run: all of them, or from ``start_step`` on for img2img (as diffusers does)."""
-    scheduler.set_timesteps(steps, device=device)
+    """The timesteps to run: all of them, or from ``start_step`` on for img2img (as diffusers does).
+
+    They stay on the host whatever ``device`` the batch runs on: the scheduler indexes its host
+    tables with them and branches on them, which a device timestep turns into a host sync every
+    step; ``denoise`` hands the UNet a device copy made once.
+    """
+    scheduler.set_timesteps(steps, device="cpu")
+    keep_host_alphas(scheduler)  # before add_noise (img2img) moves the table to the device
     if start_step >= steps:  # strength 0: nothing to denoise, the init image's latents are the result
         return scheduler.timesteps[:0]
     begin = start_step * scheduler.order
@@ -159,7 +176,7 @@ def predicted_x0(scheduler: Any, latents: torch.Tensor, model_output: torch.Tens
         if kind == "v_prediction":
             return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + latents / (sigma**2 + 1)
         return latents - sigma * model_output
-    alpha = scheduler.alphas_cumprod.to(latents.device)[t.long()].to(latents.dtype)
+    alpha = alpha_at(scheduler, t, latents.device).to(latents.dtype)
     if kind == "v_prediction":
         return alpha.sqrt() * latents - (1 - alpha).sqrt() * model_output
     return (latents - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
@@ -173,7 +190,7 @@ def guidance_step_size(scheduler: Any, t: torch.Tensor) -> float:
     """
     if is_sigma_scheduler(scheduler):
         return current_sigma(scheduler) ** 2
-    return float(1 - scheduler.alphas_cumprod[int(t)])
+    return float(1 - keep_host_alphas(scheduler)[int(t)])
 
 
 def loss_gradient(
@@ -214,7 +231,7 @@ class StepState:
 
     scheduler: Any
     step: int
-    t: torch.Tensor | None  # None before the first step
+    t: torch.Tensor | None  # on the host (``prepare_timesteps``); None before the first step
     latents: torch.Tensor
     noise_pred: torch.Tensor | None = None
 
@@ -239,7 +256,8 @@ class StepCallback:
 
 
 class CaptureLatents(StepCallback):
-    """Step capture ``latents``: the starting point and the state after every step (steps + 1 frames)."""
+    """Step capture ``latents``: the starting point and the state after every step (steps + 1 frames),
+    kept on the device until ``decode_frames``."""
 
     def __init__(self) -> None:
         self.frames: list[torch.Tensor] = []
@@ -252,13 +270,13 @@ class CaptureLatents(StepCallback):
 
 
 class CaptureX0(StepCallback):
-    """Step capture ``x0``: the clean latents predicted at every step (steps frames)."""
+    """Step capture ``x0``: the clean latents predicted at every step (steps frames), kept on the device."""
 
     def __init__(self) -> None:
         self.frames: list[torch.Tensor] = []
 
     def predicted(self, state: StepState) -> torch.Tensor:
-        self.frames.append(predicted_x0(state.scheduler, state.latents, state.noise_pred, state.t).detach().cpu())
+        self.frames.append(predicted_x0(state.scheduler, state.latents, state.noise_pred, state.t).detach())
         return state.latents
 
 
@@ -310,16 +328,19 @@ def predict_noise(
     guidance: float,
     control: Control = NO_CONTROL,
     call: tuple[int, int] = (0, 1),
+    unet_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The UNet's noise prediction under classifier-free guidance (Ho & Salimans, 2022): both halves in
     one UNet batch when ``guidance`` > 1, as diffusers' pipelines run it; with the residuals of the
-    ControlNets acting at UNet call ``call`` = (index, count), as its ControlNet pipelines add them."""
+    ControlNets acting at UNet call ``call`` = (index, count), as its ControlNet pipelines add them.
+    The scheduler scales the input at host timestep ``t``; the networks get ``unet_t``, its device copy."""
+    unet_t = t if unet_t is None else unet_t
     guided = guidance > 1.0
     model_input = torch.cat([latents] * 2) if guided else latents
     model_input = scheduler.scale_model_input(model_input, t)
     with torch.no_grad():
-        residuals = control.unet_kwargs(model_input, t, unet_kwargs, *call)
-        noise_pred = components.unet(model_input, t, **unet_kwargs, **residuals).sample
+        residuals = control.unet_kwargs(model_input, unet_t, unet_kwargs, *call)
+        noise_pred = components.unet(model_input, unet_t, **unet_kwargs, **residuals).sample
     if not guided:
         return noise_pred
     noise_uncond, noise_text = noise_pred.chunk(2)
@@ -338,41 +359,57 @@ def denoise(
     control: Control = NO_CONTROL,
 ) -> torch.Tensor:
     """The sampling loop: predict (with the ControlNets' residuals), let the callbacks act, step.
-    Returns the final latents."""
+    Returns the final latents.
+
+    Nothing in it waits for the device: the scheduler steps on the host ``timesteps`` and the
+    networks get their device copy, made once; step noise and captures stay on the device
+    (tests/test_render_bytes.py checks it).
+    """
     unet_kwargs = cond.unet_kwargs(guidance > 1.0)
     extra = step_kwargs(scheduler, generators)
     starts, ends = step_marks(scheduler, timesteps)
+    timesteps = timesteps.cpu()  # already there from prepare_timesteps
+    unet_timesteps = to_device(timesteps, latents.device)
     for callback in callbacks:
         callback.begin(StepState(scheduler, -1, None, latents))
     step = -1  # sampler steps started so far, less one
-    for i, t in enumerate(timesteps):
-        step += starts[i]
-        noise_pred = predict_noise(
-            components, scheduler, latents, t, unet_kwargs, guidance, control, (i, len(timesteps))
-        )
-        if starts[i]:
-            for callback in callbacks:
-                latents = callback.predicted(StepState(scheduler, step, t, latents, noise_pred))
-        latents = scheduler.step(noise_pred, t, latents, **extra).prev_sample
-        if ends[i]:
-            for callback in callbacks:
-                callback.stepped(StepState(scheduler, step, t, latents))
+    with async_step_noise(scheduler):
+        for i, t in enumerate(timesteps):
+            step += starts[i]
+            call = (i, len(timesteps))
+            noise_pred = predict_noise(
+                components, scheduler, latents, t, unet_kwargs, guidance, control, call, unet_timesteps[i]
+            )
+            if starts[i]:
+                for callback in callbacks:
+                    latents = callback.predicted(StepState(scheduler, step, t, latents, noise_pred))
+            latents = scheduler.step(noise_pred, t, latents, **extra).prev_sample
+            if ends[i]:
+                for callback in callbacks:
+                    callback.stepped(StepState(scheduler, step, t, latents))
     return latents
 
 
 def viewable(scheduler: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Latents as the UNet sees them (sigma samplers scale them to unit variance), on the CPU."""
+    """Latents as the UNet sees them (sigma samplers scale them to unit variance): a copy, on their device."""
     if is_sigma_scheduler(scheduler):
-        latents = latents / (current_sigma(scheduler) ** 2 + 1) ** 0.5
-    return latents.detach().cpu()
+        return (latents / (current_sigma(scheduler) ** 2 + 1) ** 0.5).detach()
+    return latents.detach().clone()
 
 
 # ---------------------------------------------------------------------------------------
 # Decoding and the batch
 
 
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> uint8 where they are: float32 x 255, rounded half to even, as numpy's
+    ``(x * 255).round().astype(np.uint8)`` on the same float32 values (tests/test_render_bytes.py)."""
+    return (pixels.float() * 255).round().to(torch.uint8)
+
+
 def decode_latents(components: Components, latents: torch.Tensor, chunk: int = VAE_DECODE_CHUNK) -> np.ndarray:
-    """Latents -> uint8 RGB images (N, H, W, 3), decoded a few at a time to bound memory."""
+    """Latents -> uint8 RGB images (N, H, W, 3), decoded a few at a time to bound memory, made uint8
+    on the device and copied to the host once."""
     vae = components.vae
     images = []
     with vae_precision(components) as dtype:
@@ -380,13 +417,13 @@ def decode_latents(components: Components, latents: torch.Tensor, chunk: int = V
             part = latents[start : start + chunk] / vae.config.scaling_factor
             with torch.no_grad():
                 decoded = vae.decode(part.to(dtype)).sample
-            decoded = (decoded / 2 + 0.5).clamp(0, 1)
-            images.append(decoded.cpu().permute(0, 2, 3, 1).float().numpy())
-    return (np.concatenate(images) * 255).round().astype(np.uint8)
+            images.append(to_uint8((decoded / 2 + 0.5).clamp(0, 1)))
+    return torch.cat(images).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def decode_frames(components: Components, steps: list[torch.Tensor], count: int, first: RenderTask) -> np.ndarray:
-    """Captured latents (one (N, C, h, w) per step) -> frames (steps, N, H, W, 3); none when no step ran."""
+    """Captured latents (one (N, C, h, w) per step, on the device) -> frames (steps, N, H, W, 3); none
+    when no step ran."""
     if not steps:
         return np.empty((0, count, first.height, first.width, 3), np.uint8)
     pixels = decode_latents(components, torch.cat(steps).to(components.device))

@@ -1,12 +1,20 @@
 """Samplers: the names a job uses -> diffusers schedulers built from the model's own config,
 and the facts about them the denoising loop needs (which steps draw noise, which calls start a
 step, the current sigma). No Ray, no files.
+
+The loop never waits for the device (issue 16): schedulers step on host timesteps, so the tables
+they index stay on the host, and step noise drawn on the images' CPU generators reaches the
+device by asynchronous copies (``to_device``, ``async_step_noise``). Every value is the one the
+device path computed before, on the same device, so the images keep their bytes.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -70,6 +78,8 @@ def diffusers_class(class_name: str) -> type:
         return per_image_sde_class()
     if class_name == "UniPCMultistepScheduler":
         return movable_unipc_class()
+    if class_name == "LCMScheduler":
+        return host_lcm_class()
     return getattr(diffusers, class_name)
 
 
@@ -106,7 +116,7 @@ def per_image_sde_class() -> type:
                 shape = torch.zeros(sample.shape, dtype=torch.float32)  # only its shape is used: CPU, float32
                 trees = BrownianTreeNoiseSampler(shape, low, high, entropy)
                 device, dtype = sample.device, sample.dtype
-                self.noise_sampler = lambda sigma, sigma_next: trees(sigma, sigma_next).to(device, dtype)
+                self.noise_sampler = lambda sigma, sigma_next: to_device(trees(sigma, sigma_next).to(dtype), device)
             return super().step(model_output, timestep, sample, return_dict=return_dict, s_noise=s_noise)
 
     return PerImageDPMSolverSDEScheduler
@@ -139,6 +149,111 @@ def movable_unipc_class() -> type:
             return output
 
     return MovableUniPCMultistepScheduler
+
+
+@functools.cache
+def host_lcm_class() -> type:
+    """diffusers' LCMScheduler stepping on host timesteps, its boundary scalings still on the device.
+
+    With a device timestep, LCM's step indexed its host table with it and branched on it (each a
+    host sync) and computed c_skip and c_out on the device. With a host timestep the table lookups
+    stay on the host; the scalings are computed there (float32, the same operations) and copied to
+    the sample's device, so they act on the latents exactly as the device's own did.
+    """
+    from diffusers import LCMScheduler
+
+    class HostLCMScheduler(LCMScheduler):
+        """diffusers' LCMScheduler whose boundary scalings go to the sample's device."""
+
+        sample_device: torch.device | None = None  # the device of the sample ``step`` was given
+
+        def step(
+            self,
+            model_output: torch.Tensor,
+            timestep: int | torch.Tensor,
+            sample: torch.Tensor,
+            generator: list[torch.Generator] | None = None,  # named: step_kwargs passes the images' generators
+            return_dict: bool = True,
+        ) -> Any:
+            """One step of diffusers' LCMScheduler, remembering where its sample lives."""
+            self.sample_device = sample.device
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+
+        def get_scalings_for_boundary_condition_discrete(self, timestep: Any) -> tuple[Any, Any]:
+            """diffusers' c_skip and c_out, on the sample's device."""
+            c_skip, c_out = super().get_scalings_for_boundary_condition_discrete(timestep)
+            if self.sample_device is None or not isinstance(c_skip, torch.Tensor):
+                return c_skip, c_out
+            return to_device(c_skip, self.sample_device), to_device(c_out, self.sample_device)
+
+    return HostLCMScheduler
+
+
+# ---------------------------------------------------------------------------------------
+# Host and device: what the loop reads without waiting for the device
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device`` without a host sync: a CUDA copy from pageable host memory waits for
+    the device to finish its queue, one from pinned memory is queued behind it instead."""
+    device = torch.device(device)
+    if tensor.device.type != "cpu" or device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def async_randn_tensor(
+    shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None
+) -> torch.Tensor:
+    """diffusers' ``randn_tensor``, its draws on CPU generators copied to the device by ``to_device``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    first = generator[0] if isinstance(generator, list) else generator
+    if device is None or first is None or first.device.type != "cpu":
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+    # The same draws, in the same order, as randn_tensor makes on the CPU for a CPU generator.
+    noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype, layout=layout)
+    return to_device(noise, device)
+
+
+@contextmanager
+def async_step_noise(scheduler: Any) -> Iterator[None]:
+    """While inside, the step noise the scheduler draws (euler_a, dpmpp_2m_sde, lcm: diffusers'
+    ``randn_tensor`` on each image's CPU generator) reaches the device without a host sync.
+
+    diffusers' steps take no noise from outside (DPM-Solver's ``variance_noise`` aside), so its
+    scheduler module's ``randn_tensor`` is swapped for ``async_randn_tensor``: the same numbers,
+    only the copy no longer waits. Renders run one at a time per process (the actor's lock).
+    """
+    modules = {sys.modules[c.__module__] for c in type(scheduler).__mro__ if c.__module__.startswith("diffusers.")}
+    swapped = [m for m in modules if hasattr(m, "randn_tensor")]
+    real = {m: m.randn_tensor for m in swapped}
+    for module in swapped:
+        module.randn_tensor = async_randn_tensor
+    try:
+        yield
+    finally:
+        for module in swapped:
+            module.randn_tensor = real[module]
+
+
+def keep_host_alphas(scheduler: Any) -> torch.Tensor:
+    """The scheduler's alphas_cumprod on the host, kept before ``add_noise`` moves its table to the
+    latents' device (img2img), so a guidance step can read it without a host sync."""
+    kept = getattr(scheduler, "host_alphas_cumprod", None)
+    if kept is None:
+        kept = scheduler.alphas_cumprod.cpu()
+        scheduler.host_alphas_cumprod = kept
+    return kept
+
+
+def alpha_at(scheduler: Any, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """alphas_cumprod at host timestep ``t`` as a 0-d tensor on ``device``, without a host sync:
+    from the scheduler's own table where it already lives there, else from the host copy."""
+    table = scheduler.alphas_cumprod
+    if table.device == device:
+        return table[int(t)]
+    return to_device(keep_host_alphas(scheduler)[int(t)], device)
 
 
 def scheduler_config(scheduler: Any) -> dict[str, Any]:
