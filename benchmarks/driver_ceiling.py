@@ -73,12 +73,13 @@ class NullRenderer:
     def check_inputs(self, *args: Any) -> list[str]:
         return []
 
-    def render_batches(self, batches: list[Any], skips: list[frozenset[str]]) -> tuple[Any, list[int]]:
+    def render_batches(self, batches: list[Any], skips: list[frozenset[str]]) -> tuple[bytes, list[int]]:
         """As BatchRenderer.render_batches: the call's rows as one table, and each batch's row count."""
-        from farm.manifest import rows_to_table
+        from farm.columns import rows_to_table, table_to_ipc
 
         rendered = [self.render(batch, skip) for batch, skip in zip(batches, skips, strict=True)]
-        return rows_to_table([row for rows in rendered for row in rows]), [len(rows) for rows in rendered]
+        table = rows_to_table([row for rows in rendered for row in rows])
+        return table_to_ipc(table), [len(rows) for rows in rendered]
 
     def render(self, batch: Any, skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
         from datetime import datetime, timezone

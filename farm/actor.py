@@ -20,9 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-
 from farm import metrics, storage
+from farm.columns import table_to_ipc
 from farm.errors import BatchFailed, FarmError, FatalRenderError
 from farm.inputs import read_control_images, read_init_images
 from farm.manifest import base_row, rows_to_table
@@ -274,11 +273,11 @@ class BatchRenderer:
 
     def render_batches(
         self, batches: list[Batch], skips: list[frozenset[str]]
-    ) -> tuple[pa.Table, list[int | FarmError]]:
+    ) -> tuple[bytes, list[int | FarmError]]:
         """Render batches one after another in one call, each as ``render`` does. Returns every row of
-        the call as one table in the manifest schema, batch after batch, and per batch its row
-        count there, or the error it raised (a FatalRenderError as is, any other as BatchFailed
-        with its message).
+        the call as one table in the manifest schema (Arrow IPC bytes, ``columns.table_to_ipc``),
+        batch after batch, and per batch its row count there, or the error it raised (a
+        FatalRenderError as is, any other as BatchFailed with its message).
 
         The driver sends several batches a call only when each renders in milliseconds, so that
         Ray's per-call cost does not cap the rate; each batch still succeeds or fails on its own.
@@ -299,7 +298,7 @@ class BatchRenderer:
                 continue
             rows += batch_rows
             outcomes.append(len(batch_rows))
-        return rows_to_table(rows), outcomes
+        return table_to_ipc(rows_to_table(rows)), outcomes
 
     def render_locked(
         self, batch: Batch, skip: frozenset[str], writes: PngWrites

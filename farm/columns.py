@@ -152,6 +152,20 @@ def failed_rows(job: str, batch: Batch, message: str) -> list[dict[str, Any]]:
     ]
 
 
+def table_to_ipc(table: pa.Table) -> bytes:
+    """A table as Arrow IPC stream bytes: how an actor sends its rows. Ray's own pickling of a
+    table costs the driver tens of microseconds a row to undo; reading IPC bytes, about one."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def table_from_ipc(data: bytes) -> pa.Table:
+    """The table ``table_to_ipc`` wrote."""
+    return pa.ipc.open_stream(data).read_all()
+
+
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     """Rows (dicts keyed by column) -> a table in the manifest schema; missing keys are null."""
     # Arrow walks the dicts in C: about 2.5x faster than a Python list per column, which counts

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from farm.actor import BatchRenderer
+from farm.columns import table_from_ipc
 from farm.errors import FarmError, FatalRenderError
 from farm.spec import Batch, SafetyCheck
 
@@ -271,7 +272,8 @@ class ActorPool(Generic[Ticket]):
                     replies.append(error_reply(tickets[0], exc))
                 continue
             self.timed(index, sent, len(tickets))
-            table, counts = outcomes
+            data, counts = outcomes
+            table = table_from_ipc(data)
             offset = 0
             for ticket, count in zip(tickets, counts, strict=True):
                 if isinstance(count, BaseException):  # the render raised; the actor says so

@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError, RayError
 
 from farm import pool as pool_module
 from farm import sink as sink_module
+from farm.columns import table_to_ipc
 from farm.driver import (
     MAX_ACTOR_LOSSES,
     Planned,
@@ -100,7 +101,7 @@ class FakeActor:
                 continue
             rows += batch_rows
             outcomes.append(len(batch_rows))
-        return rows_to_table(rows), outcomes
+        return table_to_ipc(rows_to_table(rows)), outcomes
 
     def _ready(self) -> bool:
         self.probes += 1
@@ -320,7 +321,8 @@ def test_a_call_that_fails_as_a_whole_sends_its_batches_again_one_by_one(
             if any(t.prompt == "boom" for b in batches for t in b.tasks):
                 raise RayError("the reply could not be sent")
             rendered = [self._render(b, s) for b, s in zip(batches, skips, strict=True)]
-            return rows_to_table([r for rows in rendered for r in rows]), [len(rows) for rows in rendered]
+            table = rows_to_table([r for rows in rendered for r in rows])
+            return table_to_ipc(table), [len(rows) for rows in rendered]
 
     actor = WholeCall()
     summary, rows = run([actor], WorkQueue(cut_batches(tasks(), 1)), tmp_path, retries=0)

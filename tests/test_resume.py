@@ -90,6 +90,7 @@ def test_a_batch_that_keeps_failing_gets_failed_rows_and_the_job_goes_on(ray_ses
     """The driver's retry path, with a stand-in actor whose render raises for one prompt."""
     import ray
 
+    from farm.columns import table_to_ipc
     from farm.manifest import base_row, rows_to_table
 
     @ray.remote
@@ -103,7 +104,7 @@ def test_a_batch_that_keeps_failing_gets_failed_rows_and_the_job_goes_on(ray_ses
             if any(t.prompt == "boom" for batch in batches for t in batch.tasks):
                 raise ValueError("cannot render boom")
             rows = [base_row("flaky", t, b, i) | {"status": "ok"} for b in batches for i, t in enumerate(b.tasks)]
-            return rows_to_table(rows), [len(b.tasks) for b in batches]
+            return table_to_ipc(rows_to_table(rows)), [len(b.tasks) for b in batches]
 
         def count(self) -> int:
             return self.calls
