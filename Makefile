@@ -43,6 +43,8 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/grid_throughput.py
+	$(BIN)/python benchmarks/driver_ceiling.py
+	$(BIN)/python benchmarks/first_image.py
 	$(BIN)/python benchmarks/steering_cost.py
 	$(BIN)/python benchmarks/families.py
 	$(BIN)/python benchmarks/animation.py

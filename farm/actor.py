@@ -271,9 +271,7 @@ class BatchRenderer:
             metrics.record_batch(self.job, self.actor_id, rows, time.perf_counter() - start)
         return rows
 
-    def render_batches(
-        self, batches: list[Batch], skips: list[frozenset[str]]
-    ) -> tuple[bytes, list[int | FarmError]]:
+    def render_batches(self, batches: list[Batch], skips: list[frozenset[str]]) -> tuple[bytes, list[int | FarmError]]:
         """Render batches one after another in one call, each as ``render`` does. Returns every row of
         the call as one table in the manifest schema (Arrow IPC bytes, ``columns.table_to_ipc``),
         batch after batch, and per batch its row count there, or the error it raised (a

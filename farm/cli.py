@@ -191,9 +191,11 @@ def render(
         f"of {summary.total} in {summary.elapsed:.1f}s ({summary.images_per_second:.2f} images/s)"
     )
     if summary.rendered:
+        actors = f"{summary.actors} actor{'s' if summary.actors != 1 else ''}"
+        first = f", first image at {summary.first_image:.1f}s" if summary.first_image is not None else ""
         click.echo(
-            f"  start-up {summary.startup:.1f}s (Ray, {summary.actors} actor{'s' if summary.actors != 1 else ''}, "
-            f"model load), then {summary.rendering_images_per_second:.2f} images/s"
+            f"  start-up {summary.startup:.1f}s (Ray {summary.ray_start:.1f}s, {actors}: imports, model load){first}, "
+            f"then {summary.rendering_images_per_second:.2f} images/s"
         )
     if summary.withheld:
         click.echo(f"  withheld: {summary.withheld} flagged by the safety check (rows recorded, no image written)")
