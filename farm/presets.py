@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,8 +133,9 @@ def apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str]
     return symbols
 
 
-def build_tiny_tokenizer() -> Any:
-    """A real CLIPTokenizer over a small byte-level BPE vocabulary: bytes, then word merges."""
+def build_tiny_tokenizer(words: Sequence[str] = TINY_WORDS) -> Any:
+    """A real CLIPTokenizer over a small byte-level BPE vocabulary: bytes, then merges making each of
+    ``words`` one token (tiny's words; a trained preset's script adds its own captions' words)."""
     from transformers import CLIPTokenizer
 
     byte_chars = byte_alphabet()
@@ -142,7 +143,7 @@ def build_tiny_tokenizer() -> Any:
     for token in byte_chars + [c + "</w>" for c in byte_chars]:
         vocab.setdefault(token, len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in TINY_WORDS:
+    for word in words:
         # Apply the merges made so far, as the tokenizer will ("at" is merged before "cat" is
         # seen), then add merges for what is left, so every word ends up one token.
         symbols = apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
