@@ -22,10 +22,13 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+from grid_throughput import in_own_farm_home
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,18 +133,15 @@ def benchmark(args: argparse.Namespace) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    home = None
-    if not os.environ.get("FARM_HOME"):
-        home = tempfile.mkdtemp(prefix="farm-bench-home-")
-        os.environ["FARM_HOME"] = home
-    try:
+
+    def run() -> int:
         benchmark(args)
-    finally:
-        if home:
-            shutil.rmtree(home, ignore_errors=True)
+        return 0
+
+    return in_own_farm_home(run)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,12 +22,12 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from grid_throughput import in_own_farm_home
 
 PROMPTS = 100
 CORE = ("model", "scheduler", "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")
@@ -150,19 +150,16 @@ def bench_expansion(args: argparse.Namespace) -> None:
         print(f"{spec.count():>10,} {parse:>8.3f} {expand:>8.2f} {with_id:>8.2f} {with_old:>9.2f}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    home = None
-    if not os.environ.get("FARM_HOME"):
-        home = tempfile.mkdtemp(prefix="farm-bench-home-")
-        os.environ["FARM_HOME"] = home
-    try:
+
+    def run() -> int:
         bench_ids(args)
         bench_expansion(args)
-    finally:
-        if home:
-            shutil.rmtree(home, ignore_errors=True)
+        return 0
+
+    return in_own_farm_home(run)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
