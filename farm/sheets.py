@@ -26,7 +26,8 @@ MAX_SIDE = 4096
 # The X/Y plot's margins, in pixels (never scaled, so labels stay legible on big grids):
 TITLE_HEIGHT = 32  # the title line (the prompt) across the top
 LABEL_HEIGHT = 24  # the "x = value" band under the title
-LABEL_WIDTH = 120  # the "y = value" band down the left
+LABEL_WIDTH = 120  # the "y = value" band down the left, at least
+MAX_LABEL_WIDTH = 360  # ... widened to fit its longest label (a prompt axis) up to this
 FONT_SIZE = 14
 TITLE_FONT_SIZE = 18
 PADDING = 4
@@ -120,9 +121,13 @@ def xy_plot(
     missing: list[str] = []
     first_row, first = _first_image(job_root, filesystem, base, list(chosen.values()), missing)
     nx, ny = len(x_values), len(y_values)
-    cell = _cell_size(first.size, nx, ny, max_side - LABEL_WIDTH, max_side - TITLE_HEIGHT - LABEL_HEIGHT)
+    font, title_font = _font(FONT_SIZE), _font(TITLE_FONT_SIZE)
+    y_labels = [f"{y} = {cell_label(value)}" for value in y_values]
+    longest = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label, font=font) for label in y_labels)
+    left = max(LABEL_WIDTH, min(MAX_LABEL_WIDTH, math.ceil(longest) + 2 * PADDING))
+    cell = _cell_size(first.size, nx, ny, max_side - left, max_side - TITLE_HEIGHT - LABEL_HEIGHT)
     cw, ch = cell
-    top, left = TITLE_HEIGHT + LABEL_HEIGHT, LABEL_WIDTH
+    top = TITLE_HEIGHT + LABEL_HEIGHT
     canvas = Image.new("RGB", (left + nx * cw, top + ny * ch), BACKGROUND)
     filled = 0
     for i in range(nx):
@@ -139,7 +144,6 @@ def xy_plot(
             filled += 1
 
     draw = ImageDraw.Draw(canvas)
-    font, title_font = _font(FONT_SIZE), _font(TITLE_FONT_SIZE)
     title = prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts"
     _text(draw, title, title_font, (0, 0, canvas.width, TITLE_HEIGHT), centre=True)
     for i, value in enumerate(x_values):
@@ -147,10 +151,8 @@ def xy_plot(
         # A narrow cell gets the bare value: "7.5" reads better than "guidan...".
         fits = draw.textlength(f"{x} = {cell_label(value)}", font=font) <= cw - 2 * PADDING
         _text(draw, f"{x} = {cell_label(value)}" if fits else cell_label(value), font, area, centre=True)
-    for j, value in enumerate(y_values):
-        _text(
-            draw, f"{y} = {cell_label(value)}", font, (0, top + j * ch, LABEL_WIDTH, top + (j + 1) * ch), centre=False
-        )
+    for j, label in enumerate(y_labels):
+        _text(draw, label, font, (0, top + j * ch, left, top + (j + 1) * ch), centre=False)
 
     info = PlotInfo(
         x=x,

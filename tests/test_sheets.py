@@ -7,6 +7,7 @@ import io
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -16,6 +17,7 @@ from farm.manifest import ManifestError, base_row, write_part
 from farm.sheets import (
     LABEL_HEIGHT,
     LABEL_WIDTH,
+    MAX_LABEL_WIDTH,
     TITLE_HEIGHT,
     SheetError,
     cell_label,
@@ -122,6 +124,23 @@ def test_xy_plot_draws_labels_and_title_in_the_margins(tmp_path: Path):
     title = image.crop((0, 0, image.width, TITLE_HEIGHT))
     for band in (top, left, title):
         assert band.getextrema()[0][0] < 100  # some dark text pixels on the white band
+
+
+def test_xy_plot_widens_the_left_band_to_fit_a_prompt_axis(tmp_path: Path):
+    long_prompt = "a small purple triangle on a yellow background, bottom right"
+    make_job(tmp_path, "a", prompt="a cat", guidances=[5.0])
+    job = make_job(tmp_path, "a", prompt=long_prompt, guidances=[5.0])  # the same job folder, a second prompt
+    image, info = xy_plot(job, "seed", "prompt")
+    assert info.y_values == sorted(["a cat", long_prompt])
+    left = image.width - 4 * SIZE  # the band is what the four seed columns leave
+    assert LABEL_WIDTH < left <= MAX_LABEL_WIDTH
+    # The long label is written whole: dark pixels run to near the band's right edge, none past it into the cells.
+    band = np.asarray(image.crop((0, TITLE_HEIGHT + LABEL_HEIGHT, left, image.height)).convert("L"))
+    dark_columns = np.nonzero((band < 100).any(axis=0))[0]
+    assert dark_columns.max() > left - 40
+    for i, seed in enumerate(info.x_values):  # the cells sit right of the band, in place
+        cell = (left + i * SIZE + SIZE // 2, TITLE_HEIGHT + LABEL_HEIGHT + SIZE // 2)
+        assert image.getpixel(cell) == colour(5.0, seed)
 
 
 def test_xy_plot_downscales_under_max_side(tmp_path: Path):
