@@ -21,6 +21,11 @@ def build_tokenizer(kind: str) -> Any:
     return build_tiny_tokenizer(list(dict.fromkeys([*TINY_WORDS, *dataset.WORDS])))
 
 
+def vae_factor(args: argparse.Namespace) -> int:
+    """How much the VAE downsamples: by 2 at every level but the last (diffusers' vae_scale_factor)."""
+    return 2 ** (len(args.vae_channels) - 1)
+
+
 def build_vae(args: argparse.Namespace) -> Any:
     """tiny's VAE (farm.presets.build_tiny_vae) with this run's widths."""
     from diffusers import AutoencoderKL
@@ -29,8 +34,8 @@ def build_vae(args: argparse.Namespace) -> Any:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        down_block_types=("DownEncoderBlock2D",) * len(args.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(args.vae_channels),
         block_out_channels=tuple(args.vae_channels),
         layers_per_block=1,
         norm_num_groups=8,
@@ -65,7 +70,7 @@ def build_unet(args: argparse.Namespace) -> Any:
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in args.unet_attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(args.unet_attention))
     return UNet2DConditionModel(
-        sample_size=args.resolution // 8,
+        sample_size=args.resolution // vae_factor(args),
         in_channels=4,
         out_channels=4,
         layers_per_block=args.unet_layers,
