@@ -27,6 +27,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,14 +196,22 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> bool:
     return met
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_strict(
+    evaluate: Callable[[argparse.Namespace], dict[str, Any]],
+    report: Callable[[dict[str, Any], argparse.Namespace], bool],
+    args: argparse.Namespace,
+) -> int:
+    """``report(evaluate(args), args)`` in a FARM_HOME of its own; exit code 1 under --strict when a goal is missed."""
 
     def run() -> int:
         met = report(evaluate(args), args)
         return 1 if args.strict and not met else 0
 
     return in_own_farm_home(run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_strict(evaluate, report, parse_args(argv))
 
 
 if __name__ == "__main__":

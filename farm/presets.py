@@ -1,10 +1,12 @@
-"""The presets: Stable Diffusion families shrunk, built locally from a fixed seed into the farm cache.
+"""The presets: Stable Diffusion families shrunk, built locally from a fixed seed (or shipped) into the farm cache.
 
 ``tiny`` is SD 1.x shrunk and ``tiny-xl`` is SDXL shrunk (DESIGN.md, "The embedded default model" and
 "Model families"): real diffusers components with a few channels, farm's own small CLIP vocabulary,
 weights from a fixed seed, saved once with ``save_pretrained`` under ``$FARM_HOME/models`` and loaded
 through the same ``from_pretrained`` path as a real model. Their images are coloured noise; every
-mechanism around them is real. Torch is imported only inside the builders, so the references layer
+mechanism around them is real. ``shapes`` is different: an SD 1.x model trained by ``scripts/shapes``
+to draw coloured shapes on flat backgrounds, shipped as weights in ``farm/weights/shapes`` and copied
+into the cache as they are (docs/shapes.md). Torch is imported only inside the builders, so the references layer
 (and the spec, through ``PRESET_FACTS``) can name them without it.
 """
 
@@ -18,14 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PRESETS = ("tiny", "tiny-xl")
+PRESETS = ("tiny", "tiny-xl", "shapes")
 # ControlNets built the same way, for tiny's UNet: a ControlNet job renders with no download.
 CONTROLNET_PRESETS = ("tiny-controlnet",)
 # Bumped whenever a preset's architecture or its vocabulary changes, so an old cache folder is never
 # mistaken for the current preset (the folder is $FARM_HOME/models/<name>-<version>).
 TINY_VERSION = "v3"
 TINY_XL_VERSION = "v1"
-PRESET_VERSIONS = {"tiny": TINY_VERSION, "tiny-xl": TINY_XL_VERSION, "tiny-controlnet": "v1"}
+# shapes' version is its shipped weights': bump it whenever farm/weights/shapes is retrained.
+PRESET_VERSIONS = {"tiny": TINY_VERSION, "tiny-xl": TINY_XL_VERSION, "shapes": "v1", "tiny-controlnet": "v1"}
+# Presets trained by a script in the repo (scripts/shapes) and shipped as weights, not built from a seed:
+# copied byte for byte into the cache, so they load and hash like any other diffusers folder.
+SHIPPED_PRESETS = {"shapes": Path(__file__).resolve().parent / "weights" / "shapes"}
 TINY_SEED = 20221122
 # tiny-xl's own seeds, apart from tiny's so no component of one is a copy of the other's.
 TINY_XL_SEED = 20230726
@@ -71,6 +77,7 @@ class ModelFacts:
 PRESET_FACTS = {
     "tiny": ModelFacts("sd1", (64, 64), "epsilon"),
     "tiny-xl": ModelFacts("sdxl", (128, 128), "epsilon"),
+    "shapes": ModelFacts("sd1", (64, 64), "epsilon"),
 }
 
 
@@ -100,7 +107,10 @@ def ensure_preset(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built in a hidden staging folder and renamed in one step, so a reader never sees half a model.
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-    PRESET_BUILDERS[name]().save_pretrained(staging, safe_serialization=True)
+    if name in SHIPPED_PRESETS:
+        shutil.copytree(SHIPPED_PRESETS[name], staging, dirs_exist_ok=True)
+    else:
+        PRESET_BUILDERS[name]().save_pretrained(staging, safe_serialization=True)
     try:
         staging.rename(target)
     except OSError:

@@ -123,12 +123,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="extra weight of the shape's pixels (and 2 px around) in the reconstruction loss (0: plain)",
     )
     # Stage 2: the UNet (and text encoder).
-    p.add_argument("--unet-steps", type=int, default=4500)
-    p.add_argument("--unet-minutes", type=float, default=40.0)
+    p.add_argument("--unet-steps", type=int, default=7000)
+    p.add_argument("--unet-minutes", type=float, default=55.0)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=3e-4)
     p.add_argument("--unet-warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its random init")
+    p.add_argument(
+        "--offset-noise",
+        type=float,
+        default=0.1,
+        help="std of a per-image, per-channel constant added to the training noise (0: plain)",
+    )
+    p.add_argument("--offset-noise-from", type=int, default=4500, help="the UNet step the offset noise starts at")
     p.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of captions replaced by '' (unconditional)")
     p.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting; 0 for plain MSE")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported UNet and text encoder; 0: none")
@@ -375,6 +382,14 @@ def train_unet(
     optimizer = torch.optim.AdamW(trained, lr=args.unet_lr, weight_decay=0.01)
     checkpoint = work / "unet.pt"
     state = load_state(checkpoint, args)
+    # The offset noise starts at a step, so a checkpoint from before it resumes into it; one from after it must
+    # have trained with the same offset.
+    made = state.get("config", {})
+    if state.get("step", 0) > args.offset_noise_from and (made.get("offset_noise"), made.get("offset_noise_from")) != (
+        args.offset_noise,
+        args.offset_noise_from,
+    ):
+        raise SystemExit(f"{checkpoint} was trained past step {args.offset_noise_from} with another offset noise")
     if state and state.get("vae_steps") != vae_record["steps"]:
         raise SystemExit(
             f"{checkpoint} was trained on the latents of a VAE of {state.get('vae_steps')} steps, not "
@@ -417,6 +432,13 @@ def train_unet(
         drop = rng.random(len(texts)) < args.cfg_drop
         texts = ["" if d else t for d, t in zip(drop, texts, strict=True)]
         noise = torch.randn(latents.shape, generator=generator).to(args.device)
+        if args.offset_noise and step >= args.offset_noise_from:
+            # At 16x16 latents the last timestep keeps enough signal (sqrt(alpha_bar) 0.07) that an image's mean
+            # colour shows through the noise: trained on plain noise the model read the background from it and
+            # never from the prompt (background right in 11% of renders from pure noise, chance is 12.5%).
+            # A constant offset per channel hides it (Guttenberg's offset noise).
+            offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(args.device)
+            noise = noise + args.offset_noise * offset
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(texts),), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps.to(args.device))
         with torch.set_grad_enabled(not args.freeze_text):
