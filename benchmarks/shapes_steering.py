@@ -102,8 +102,7 @@ class Renderer:
         return RenderTask(self.model, a.scheduler, prompt, "", seed, a.steps, a.guidance, side, side, **fields)
 
     def components_side(self) -> int:
-        unet, vae = self.components.unet.config, self.components.vae.config
-        return int(unet.sample_size) * 2 ** (len(vae.block_out_channels) - 1)
+        return int(self.components.unet.config.sample_size) * self.components.vae_scale_factor
 
     def render(self, tasks: list[Any], init_images: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Images in task order; tasks grouped by batch key, at most 8 to a batch."""
