@@ -138,6 +138,8 @@ def blueness(image: np.ndarray) -> float:
 
 def img2img_figures(renderer: Renderer, count: int, side: int) -> dict[str, Any]:
     """A red circle -> "a blue circle" at STRENGTH: turned blue, kept its place, still a circle."""
+    from farm.spec import img2img_start_step
+
     backgrounds = [b for b in dataset.ALLOWED_BACKGROUNDS["red"] if b in dataset.ALLOWED_BACKGROUNDS["blue"]]
     sources, tasks = [], []
     steps = renderer.args.steps
@@ -152,8 +154,7 @@ def img2img_figures(renderer: Renderer, count: int, side: int) -> dict[str, Any]
             dataset.COLOURS["red"], dataset.COLOURS[background], (),
         )  # fmt: skip
         sources.append(dataset.render(drawn, side))
-        # As the spec resolves strength (farm.spec.resolve_img2img): steps - int(steps x strength) skipped.
-        start_step = steps - min(int(steps * STRENGTH), steps)
+        start_step = img2img_start_step(steps, STRENGTH)  # as a job resolves strength
         tasks.append(
             renderer.task(
                 "a blue circle", FIRST_SEED + i, init_image=f"red-circle-{i}.png", strength=STRENGTH,

@@ -42,6 +42,7 @@ from farm.spec.fields import (
     SpecError,
     check_technique,
     check_value,
+    img2img_start_step,
     schedule_type_error,
 )
 from farm.spec.job import (
@@ -127,6 +128,7 @@ __all__ = [
     "check_combinations",
     "check_technique",
     "check_value",
+    "img2img_start_step",
     "load_job",
     "parse_animation",
     "parse_job",

@@ -189,6 +189,11 @@ def check_value(key: str, value: Any, where: str) -> Any:
     return check_technique(key, value, where)
 
 
+def img2img_start_step(steps: int, strength: float) -> int:
+    """The step an img2img loop starts at: as diffusers, int(steps x strength) of the steps run."""
+    return steps - min(int(steps * strength), steps)
+
+
 def schedule_type_error(name: str, schedule_type: str) -> str | None:
     """The one-line reason sampler ``name`` cannot take ``schedule_type``, or None when it can."""
     if schedule_type in SCHEDULE_TYPES_OF[name]:

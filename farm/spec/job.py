@@ -36,6 +36,7 @@ from farm.spec.fields import (
     SpecError,
     check_value,
     entry_weight,
+    img2img_start_step,
     is_finite,
     parse_safety_check,
     schedule_type_error,
@@ -237,7 +238,7 @@ def resolve_img2img(fields: dict[str, Any], hashes: dict[str, str]) -> None:
     if fields["start_step"] is None:
         if fields["strength"] is None:
             fields["strength"] = DEFAULT_STRENGTH
-        fields["start_step"] = steps - min(int(steps * fields["strength"]), steps)
+        fields["start_step"] = img2img_start_step(steps, fields["strength"])
     else:
         fields["strength"] = (steps - fields["start_step"]) / steps
 
