@@ -478,7 +478,9 @@ def train_unet(
             "vae_steps": vae_record["steps"],
         },
     )
-    return ema_unet.eval(), ema_text.eval(), tokenizer, record
+    # A fresh tokenizer: encoding captions leaves padding and truncation set on the fast tokenizer's
+    # backend, and save_pretrained would write them into tokenizer.json.
+    return ema_unet.eval(), ema_text.eval(), build_tokenizer(args.tokenizer), record
 
 
 # ---------------------------------------------------------------------------------------
