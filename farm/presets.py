@@ -28,7 +28,7 @@ CONTROLNET_PRESETS = ("tiny-controlnet",)
 TINY_VERSION = "v3"
 TINY_XL_VERSION = "v1"
 # shapes' version is its shipped weights': bump it whenever farm/weights/shapes is retrained.
-PRESET_VERSIONS = {"tiny": TINY_VERSION, "tiny-xl": TINY_XL_VERSION, "shapes": "v2", "tiny-controlnet": "v1"}
+PRESET_VERSIONS = {"tiny": TINY_VERSION, "tiny-xl": TINY_XL_VERSION, "shapes": "v3", "tiny-controlnet": "v1"}
 # Presets trained by a script in the repo (scripts/shapes) and shipped as weights, not built from a seed:
 # copied byte for byte into the cache, so they load and hash like any other diffusers folder.
 SHIPPED_PRESETS = {"shapes": Path(__file__).resolve().parent / "weights" / "shapes"}
