@@ -70,15 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_facts(folder: Path) -> tuple[int, list[str]]:
-    """The model's native size and the shapes it was trained on: from train.json, else from its UNet config
-    (sample_size x 8) and the dataset's default shapes."""
+def model_facts(model: str, folder: Path) -> tuple[int, list[str]]:
+    """The side a job on ``model`` renders at when it gives no size (farm's reading of its configs, VAE factor
+    included), and the shapes it was trained on: train.json's, else the dataset's default."""
+    from farm.models import reference_facts
+    from farm.spec.family import native_size
+
     record = folder / "train.json"
-    if record.is_file():
-        facts = json.loads(record.read_text())
-        return int(facts["native_size"][0]), list(facts["vocabulary"]["shapes"])
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    return int(unet["sample_size"]) * 8, list(dataset.DEFAULT_SHAPES)
+    shapes = json.loads(record.read_text())["vocabulary"]["shapes"] if record.is_file() else dataset.DEFAULT_SHAPES
+    return native_size(reference_facts(model))[0], list(shapes)
 
 
 def prompts(count: int, shapes: list[str], size: int, split: str) -> list[tuple[str, dict[str, Any]]]:
@@ -110,7 +110,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from farm.spec import RenderTask
 
     model = resolve_model(args.model)
-    native, trained_shapes = model_facts(Path(model.path))
+    native, trained_shapes = model_facts(args.model, Path(model.path))
     size = args.size or native
     shapes = args.shapes.split(",") if args.shapes else trained_shapes
     start = time.perf_counter()

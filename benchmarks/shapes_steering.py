@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from shapes_quality import run_strict  # noqa: E402  (this script's folder is on sys.path)
+from shapes_quality import model_facts, run_strict  # noqa: E402  (this script's folder is on sys.path)
 
 from scripts.shapes import checker, dataset  # noqa: E402
 
@@ -90,19 +90,17 @@ class Renderer:
         torch.set_num_threads(args.threads)
         self.args = args
         self.model = model
-        self.components = load_components(resolve_model(model), "cpu", "float32")
+        resolved = resolve_model(model)
+        self.side, self.shapes = model_facts(model, Path(resolved.path))
+        self.components = load_components(resolved, "cpu", "float32")
         self.render_s = 0.0
         self.images = 0
 
     def task(self, prompt: str, seed: int, **fields: Any) -> Any:
         from farm.spec import RenderTask
 
-        a = self.args
-        side = self.components_side()
+        a, side = self.args, self.side
         return RenderTask(self.model, a.scheduler, prompt, "", seed, a.steps, a.guidance, side, side, **fields)
-
-    def components_side(self) -> int:
-        return int(self.components.unet.config.sample_size) * self.components.vae_scale_factor
 
     def render(self, tasks: list[Any], init_images: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Images in task order; tasks grouped by batch key, at most 8 to a batch."""
@@ -142,7 +140,7 @@ def img2img_figures(renderer: Renderer, count: int, side: int) -> dict[str, Any]
 
     backgrounds = [b for b in dataset.ALLOWED_BACKGROUNDS["red"] if b in dataset.ALLOWED_BACKGROUNDS["blue"]]
     sources, tasks = [], []
-    steps = renderer.args.steps
+    start_step = img2img_start_step(renderer.args.steps, STRENGTH)  # as a job resolves strength
     for i in range(count):
         rng = np.random.default_rng([CASE_SEED, 1, i])
         position = tuple(dataset.POSITIONS)[int(rng.integers(len(dataset.POSITIONS)))]
@@ -154,7 +152,6 @@ def img2img_figures(renderer: Renderer, count: int, side: int) -> dict[str, Any]
             dataset.COLOURS["red"], dataset.COLOURS[background], (),
         )  # fmt: skip
         sources.append(dataset.render(drawn, side))
-        start_step = img2img_start_step(steps, STRENGTH)  # as a job resolves strength
         tasks.append(
             renderer.task(
                 "a blue circle", FIRST_SEED + i, init_image=f"red-circle-{i}.png", strength=STRENGTH,
@@ -279,8 +276,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     renderer = Renderer(args.model, args)
     load_s = time.perf_counter() - start
-    side = renderer.components_side()
-    shapes = list(dataset.DEFAULT_SHAPES)
+    side, shapes = renderer.side, renderer.shapes
     figures = {
         "model": args.model,
         "model_hash": renderer.components.model_hash,
